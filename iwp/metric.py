@@ -1,0 +1,222 @@
+"""The IWP kernel: information magnitude, information duplication and the residual ‖W − W_S‖²/‖W‖².
+
+Token j adds the rank-1 update v_j φ(k_j)ᵀ to the implicit weight W of attention, with
+φ(a)ᵀφ(b) = exp(a·b / (τ√d)). Everything here is computed in float32 and in log space or
+normalised form, so huge key norms never overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .settings import IWPSettings
+
+_TINY_NORM = 1e-30  # floor for ‖v‖ so log‖v‖ stays finite for all-zero values
+_BLOCK_ELEMENTS = 1 << 22  # bound on the temporaries of one dense block (elements)
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    """Per-token quantities that magnitude and duplication are built from (float32)."""
+
+    keys: torch.Tensor  # (..., N, H, dk)
+    unit_values: torch.Tensor  # (..., N, H, dv) values scaled to unit norm per head (zero stays zero)
+    head_log_magnitude: torch.Tensor  # (..., N, H) log‖v_h‖ + ‖k_h‖²/(2τ√d)
+    log_magnitude: torch.Tensor  # (..., N) aggregated over heads per settings.head_agg
+    head_weights: torch.Tensor | None  # (..., N, H) m_h / m for "frobenius", None for "mean"
+    scale: float  # τ·√dk
+    head_agg: str
+
+    def take(self, index: torch.Tensor) -> "TokenFeatures":
+        """Features of the tokens at `index` along the token axis of a single video (N, ...)."""
+        return TokenFeatures(
+            keys=self.keys[index],
+            unit_values=self.unit_values[index],
+            head_log_magnitude=self.head_log_magnitude[index],
+            log_magnitude=self.log_magnitude[index],
+            head_weights=None if self.head_weights is None else self.head_weights[index],
+            scale=self.scale,
+            head_agg=self.head_agg,
+        )
+
+
+def _as_heads(x: torch.Tensor, name: str) -> torch.Tensor:
+    # A single-head (N, d) input is the same as (N, 1, d).
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (N, H, d) or (N, d), got {tuple(x.shape)}")
+    return x
+
+
+def token_features(keys: torch.Tensor, values: torch.Tensor, settings: IWPSettings) -> TokenFeatures:
+    """Float32 features of N tokens from keys (N, H, dk) and values (N, H, dv)."""
+    keys = _as_heads(keys, "keys").float()
+    values = _as_heads(values, "values").float()
+    if keys.shape[:2] != values.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on (N, H)")
+    scale = settings.temperature * math.sqrt(keys.shape[-1])
+    value_norm = torch.linalg.vector_norm(values, dim=-1)
+    unit_values = values / value_norm.clamp_min(_TINY_NORM).unsqueeze(-1)
+    head_log_m = value_norm.clamp_min(_TINY_NORM).log() + keys.square().sum(-1) / (2.0 * scale)
+    if settings.head_agg == "mean":
+        log_m = head_log_m.mean(-1)  # geometric mean of the per-head magnitudes
+        weights = None
+    else:
+        log_m = 0.5 * torch.logsumexp(2.0 * head_log_m, dim=-1)  # m² = Σ_h m_h²
+        weights = torch.exp(head_log_m - log_m.unsqueeze(-1))  # Σ_h w_h² = 1
+    return TokenFeatures(keys, unit_values, head_log_m, log_m, weights, scale, settings.head_agg)
+
+
+def pair_duplication(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
+    """dup between broadcastable token sets a and b (shapes (..., H, d) broadcast to (...))."""
+    # Direct differences, not ‖a‖²+‖b‖²−2a·b: exact 0 for identical keys even when norms are huge.
+    sq_dist = (a.keys - b.keys).square().sum(-1)
+    per_head = (a.unit_values * b.unit_values).sum(-1) * torch.exp(sq_dist / (-2.0 * a.scale))
+    if a.head_agg == "mean":
+        return per_head.mean(-1)
+    # Frobenius: (Σ_h v_ih·v_jh κ_h) / (m_i m_j) = Σ_h w_ih w_jh dup_h, in [−1, 1] by Cauchy–Schwarz.
+    return (a.head_weights * b.head_weights * per_head).sum(-1)
+
+
+def _duplication_matrix(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
+    """Dense (Na, Nb) duplication, built in row blocks to bound memory."""
+    n_a, n_b = a.keys.shape[0], b.keys.shape[0]
+    per_row = max(1, n_b * a.keys.shape[1] * max(a.keys.shape[2], a.unit_values.shape[2]))
+    block = max(1, _BLOCK_ELEMENTS // per_row)
+    rows = []
+    b_rows = _unsqueeze_tokens(b, 0)
+    for start in range(0, n_a, block):
+        a_rows = _unsqueeze_tokens(a.take(slice(start, start + block)), 1)
+        rows.append(pair_duplication(a_rows, b_rows))
+    if not rows:
+        return a.keys.new_zeros((0, n_b))
+    return torch.cat(rows, dim=0)
+
+
+def _unsqueeze_tokens(f: TokenFeatures, dim: int) -> TokenFeatures:
+    # Insert a broadcast axis before the token axis (dim=0) or after it (dim=1).
+    def u(x):
+        return None if x is None else x.unsqueeze(dim)
+
+    return TokenFeatures(
+        u(f.keys), u(f.unit_values), u(f.head_log_magnitude), u(f.log_magnitude), u(f.head_weights), f.scale, f.head_agg
+    )
+
+
+def log_magnitude(keys: torch.Tensor, values: torch.Tensor, settings: IWPSettings = IWPSettings()) -> torch.Tensor:
+    """log m_j = log‖v_j‖ + ‖k_j‖²/(2τ√d), aggregated over heads; shape (N,), float32, finite."""
+    return token_features(keys, values, settings).log_magnitude
+
+
+def duplication(
+    keys_a: torch.Tensor,
+    values_a: torch.Tensor,
+    keys_b: torch.Tensor,
+    values_b: torch.Tensor,
+    settings: IWPSettings = IWPSettings(),
+) -> torch.Tensor:
+    """dup(i, j) = cos(v_i, v_j) · exp(−‖k_i − k_j‖²/(2τ√d)), aggregated over heads; shape (Na, Nb), in [−1, 1]."""
+    a = token_features(keys_a, values_a, settings)
+    b = token_features(keys_b, values_b, settings)
+    if a.keys.shape[1:] != b.keys.shape[1:] or a.unit_values.shape[1:] != b.unit_values.shape[1:]:
+        raise ValueError("the two token sets must have the same heads and head dims")
+    return _duplication_matrix(a, b)
+
+
+def _keep_mask(keep: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    keep = torch.as_tensor(keep, device=device)
+    if keep.dtype == torch.bool:
+        if keep.shape != (n,):
+            raise ValueError(f"boolean keep mask must have shape ({n},), got {tuple(keep.shape)}")
+        return keep
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[keep.long()] = True
+    return mask
+
+
+def _scaled_values(f: TokenFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head values scaled by m̂_h = m_h / max m (so ṽ_i·ṽ_j κ̂ = v_i·v_j κ up to one constant)."""
+    head_mhat = torch.exp(f.head_log_magnitude - f.head_log_magnitude.max())
+    return head_mhat.unsqueeze(-1) * f.unit_values, head_mhat
+
+
+def _exact_weight_norm(keys: torch.Tensor, scaled_values: torch.Tensor, scale: float) -> float:
+    """Σ_h Σ_ij (ṽ_ih·ṽ_jh) exp(−‖k_ih − k_jh‖²/(2s)) for one token set, dense in row blocks."""
+    n, h, _ = keys.shape
+    if n == 0:
+        return 0.0
+    keys = keys - keys.mean(0, keepdim=True)  # distances are shift-invariant; centring shrinks cancellation
+    k_h = keys.transpose(0, 1)  # (H, N, dk)
+    v_h = scaled_values.transpose(0, 1)  # (H, N, dv)
+    sq = k_h.square().sum(-1)  # (H, N)
+    block = max(1, _BLOCK_ELEMENTS // max(1, n * h))
+    total = torch.zeros((), dtype=torch.float64, device=keys.device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sq_dist = (sq[:, start:stop, None] + sq[:, None, :] - 2.0 * k_h[:, start:stop] @ k_h.transpose(1, 2)).clamp_min(0)
+        diag = torch.arange(stop - start, device=keys.device)
+        sq_dist[:, diag, diag + start] = 0.0  # a token's distance to itself is exactly 0
+        gram = (v_h[:, start:stop] @ v_h.transpose(1, 2)) * torch.exp(sq_dist / (-2.0 * scale))
+        total += gram.sum(dtype=torch.float64)
+    return float(total)
+
+
+def _sampled_weight_norm(
+    keys: torch.Tensor, scaled_values: torch.Tensor, head_mhat: torch.Tensor, scale: float, n_samples: int, generator
+) -> float:
+    """Unbiased estimate of the same sum: exact diagonal + magnitude-importance-sampled off-diagonal pairs."""
+    mhat = torch.linalg.vector_norm(head_mhat, dim=-1)  # Frobenius magnitude over heads, (N,)
+    diagonal = float(mhat.double().square().sum())
+    total_mass = float(mhat.double().sum())
+    if total_mass == 0.0 or keys.shape[0] < 2:
+        return diagonal
+    # Sample i, j ∝ m̂: f(i,j)/(p_i p_j) = (Σm̂)² dup(i,j), bounded by (Σm̂)², so the variance stays small.
+    probs = (mhat.double() / total_mass).cpu()
+    pairs = torch.multinomial(probs, 2 * n_samples, replacement=True, generator=generator).to(keys.device)
+    i, j = pairs[:n_samples], pairs[n_samples:]
+    sq_dist = (keys[i] - keys[j]).square().sum(-1)  # (S, H)
+    gram = ((scaled_values[i] * scaled_values[j]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
+    dup = gram / (mhat[i] * mhat[j])
+    dup = torch.where(i == j, torch.zeros_like(dup), dup)  # the diagonal is counted exactly above
+    return diagonal + total_mass**2 * float(dup.double().mean())
+
+
+def relative_residual(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    settings: IWPSettings = IWPSettings(),
+    max_exact: int = 2048,
+    n_samples: int = 4096,
+    generator: torch.Generator | None = None,
+) -> float:
+    """‖W − W_S‖²_F / ‖W‖²_F for the kept set S (indices or a bool mask), from the kernel.
+
+    Always the exact stacked-head Frobenius norm (settings.head_agg only affects selection);
+    settings.temperature sets the kernel. Dense for N <= max_exact, else a sampled estimate.
+    Can exceed 1 only when values are anti-correlated (then dropping tokens can grow W).
+    """
+    f = token_features(keys, values, IWPSettings(temperature=settings.temperature, head_agg="frobenius"))
+    n = f.keys.shape[0]
+    dropped = ~_keep_mask(keep, n, f.keys.device)
+    if not bool(dropped.any()):
+        return 0.0
+    scaled_values, head_mhat = _scaled_values(f)
+    if n <= max_exact:
+        numerator = _exact_weight_norm(f.keys[dropped], scaled_values[dropped], f.scale)
+        denominator = _exact_weight_norm(f.keys, scaled_values, f.scale)
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(settings.seed)
+        numerator = _sampled_weight_norm(
+            f.keys[dropped], scaled_values[dropped], head_mhat[dropped], f.scale, n_samples, generator
+        )
+        denominator = _sampled_weight_norm(f.keys, scaled_values, head_mhat, f.scale, n_samples, generator)
+    numerator = max(numerator, 0.0)  # a sampled off-diagonal can dip below the true (>= 0) value
+    if numerator == 0.0:
+        return 0.0
+    return numerator / max(denominator, 1e-300)
