@@ -1,0 +1,141 @@
+"""`VideoCaptioner`: the stateful callable Ray Data runs on each model actor (model loaded once).
+
+Input rows: one per video (decoded frames or an error). Output rows: one per (video, prompt).
+Pruning is query-agnostic, so a video is encoded and pruned once and shared by all its prompts.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.generation import greedy_generate
+from actors.loading import load_model, make_adapter
+from actors.splice import PruneSpec, prune_video
+
+ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
+              "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
+              "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
+              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
+
+
+def frames_from_row(row: dict) -> np.ndarray:
+    return np.frombuffer(row["frames"], dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
+
+
+def _rows_to_dicts(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+class VideoCaptioner:
+    def __init__(self, *, model: str, prune: PruneSpec, max_new_tokens: int = 64, batch_size: int = 4,
+                 revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
+                 device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None):
+        attn = "eager" if prune.query_dependent else None  # FastV reads attention weights
+        self.model, self.processor, self.device = load_model(
+            model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+            attn_implementation=attn, storage_options=storage_options)
+        self.adapter = make_adapter(self.model, self.processor)
+        self.prune = prune
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.row_defaults = row_defaults or {}
+        tok = self.processor.tokenizer
+        self.eos_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+                                    *(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist())]
+                        if isinstance(i, int) and i >= 0}
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
+
+    # ---- Ray Data entry point ----
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = _rows_to_dicts(batch)
+        out: list[dict] = []
+        good = [r for r in rows if r["status"] == "ok"]
+        for r in rows:
+            if r["status"] != "ok":
+                out += self._error_rows(r, r["error_type"], r["error_message"])
+        if good:
+            try:
+                out += self.label_videos(good)
+            except Exception:  # a batch failure must not hide which video broke: retry one by one
+                for r in good:
+                    try:
+                        out += self.label_videos([r])
+                    except Exception as e:
+                        out += self._error_rows(r, "model_error", f"{type(e).__name__}: {e}",
+                                                detail=traceback.format_exc(limit=3))
+        return {k: [row.get(k) for row in out] for k in (*ROW_FIELDS, *self.row_defaults)}
+
+    # ---- the work ----
+    def label_videos(self, rows: list[dict]) -> list[dict]:
+        frames = [frames_from_row(r) for r in rows]
+        timestamps = [list(map(float, r["frame_timestamps"])) for r in rows]
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        encoded = self.adapter.encode(frames, timestamps)
+        sync()
+        vision_ms = (time.perf_counter() - t0) * 1e3 / len(rows)
+
+        pairs = []  # (row, prompt_id, prompt, encoded, pruned)
+        for r, enc in zip(rows, encoded):
+            prompts = json.loads(r["prompts"])
+            pruned = None if self.prune.query_dependent else prune_video(enc, self.prune, self.adapter.language_model)
+            for pid, prompt in prompts:
+                p = pruned or prune_video(enc, self.prune, self.adapter.language_model,
+                                          attn_scores=self.fastv_scores(enc, prompt))
+                pairs.append((r, pid, prompt, enc, p))
+
+        out = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            seqs = [self.adapter.splice(enc, p, prompt) for (_, _, prompt, enc, p) in chunk]
+            gen = greedy_generate(self.model, seqs, max_new_tokens=self.max_new_tokens,
+                                  eos_token_ids=self.eos_ids, pad_token_id=self.pad_id)
+            texts = self.processor.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
+            for (r, pid, prompt, enc, p), text in zip(chunk, texts):
+                out.append(self._row(r, pid, prompt, status="ok", text=text.strip(),
+                                     visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
+                                     iwp_residual=p.residual, retention_used=p.retention_used,
+                                     vision_ms=vision_ms, prune_ms=p.prune_ms,
+                                     prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
+                                     new_tokens=gen.new_tokens))
+        return out
+
+    @torch.inference_mode()
+    def fastv_scores(self, enc, prompt: str) -> torch.Tensor:
+        """FastV: attention of the last prompt token to each visual token at LLM layer 2 (costs a full prefill)."""
+        from actors.generation import _position_arg, left_pad
+        from actors.splice import PrunedVideo
+
+        full = PrunedVideo(torch.arange(enc.embeds.shape[0], device=enc.embeds.device), enc.embeds,
+                           enc.embeds.shape[0], None, 0.0, 1.0)
+        seq = self.adapter.splice(enc, full, prompt)
+        embeds, mask, positions = left_pad([seq])
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+                         output_attentions=True, use_cache=False, logits_to_keep=1)
+        layer = min(1, len(out.attentions) - 1)
+        ids = self.adapter.full_input_ids(enc, prompt)
+        video_idx = torch.nonzero(ids == self.adapter.video_token_id).squeeze(1)[: enc.embeds.shape[0]]
+        return out.attentions[layer][0, :, -1, video_idx].float().mean(0)
+
+    # ---- rows ----
+    def _base(self, r: dict) -> dict:
+        return {"video_id": r["video_id"], "uri": r["uri"], "pruner": self.prune.method,
+                "retention": self.prune.retention, "frames_sampled": int(r.get("frames_sampled") or 0),
+                "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
+                "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
+                "height": r.get("height"), "decode_ms": r.get("decode_ms"), **self.row_defaults}
+
+    def _row(self, r: dict, pid: str, prompt: str, **fields: Any) -> dict:
+        return {**self._base(r), "prompt_id": pid, "prompt": prompt, "error_type": None, "error_message": None,
+                **fields}
+
+    def _error_rows(self, r: dict, error_type: str, message: str, detail: str | None = None) -> list[dict]:
+        return [{**self._base(r), "prompt_id": pid, "prompt": prompt, "text": None, "status": "error",
+                 "error_type": error_type, "error_message": message}
+                for pid, prompt in json.loads(r["prompts"])]

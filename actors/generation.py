@@ -1,0 +1,110 @@
+"""Batched prefill + greedy decoding over already-spliced sequences (embeddings + explicit positions).
+
+The pruning seam hands us, per (video, prompt), the LLM input embeddings and the position ids each kept
+token had in the *full* sequence. We left-pad them into one batch and run the LLM ourselves, so
+decoding continues after each sequence's original maximum position (what `rope_deltas` does in
+transformers), without patching the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SplicedSequence:
+    embeds: torch.Tensor     # (L, D) LLM input embeddings, visual tokens already pruned
+    positions: torch.Tensor  # (P, L) position ids from the full sequence (P=3 for M-RoPE, 1 for 1-D RoPE)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    prefill_ms: float
+    decode_ms: float
+    new_tokens: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def left_pad(seqs: list[SplicedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embeds (B,L,D), attention_mask (B,L), positions (P,B,L)) with padding on the left."""
+    length = max(s.embeds.shape[0] for s in seqs)
+    first = seqs[0]
+    n_pos = first.positions.shape[0]
+    embeds = first.embeds.new_zeros(len(seqs), length, first.embeds.shape[1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.long, device=first.embeds.device)
+    positions = torch.zeros(n_pos, len(seqs), length, dtype=torch.long, device=first.embeds.device)
+    for b, s in enumerate(seqs):
+        n = s.embeds.shape[0]
+        embeds[b, length - n:] = s.embeds
+        mask[b, length - n:] = 1
+        positions[:, b, length - n:] = s.positions.to(positions.device)
+    return embeds, mask, positions
+
+
+def _position_arg(positions: torch.Tensor) -> torch.Tensor:
+    # 1-D RoPE LLMs (LLaVA-OneVision's Qwen2) take (B, L); Qwen2.5-VL's M-RoPE takes (3, B, L)
+    return positions[0] if positions.shape[0] == 1 else positions
+
+
+@torch.inference_mode()
+def prefill_logits(model, seqs: list[SplicedSequence]) -> torch.Tensor:
+    """Logits of every position of the (left-padded) batch: what the equivalence tests compare."""
+    embeds, mask, positions = left_pad(seqs)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions), use_cache=False)
+    return out.logits
+
+
+@torch.inference_mode()
+def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, eos_token_ids: set[int],
+                    pad_token_id: int) -> GenerationResult:
+    from transformers import DynamicCache
+
+    device = seqs[0].embeds.device
+    embeds, mask, positions = left_pad(seqs)
+    cache = DynamicCache(config=model.config.get_text_config())
+    embed_tokens = model.get_input_embeddings()
+
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    next_tok = out.logits[:, -1].argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    next_pos = positions.amax(dim=(0, 2)) + 1  # (B,) decoding continues after the full sequence's last position
+    done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    steps = 0
+    for steps in range(1, max_new_tokens + 1):
+        next_tok = torch.where(done, torch.full_like(next_tok, pad_token_id), next_tok)
+        tokens.append(next_tok)
+        done |= torch.isin(next_tok, torch.tensor(sorted(eos_token_ids), device=device))
+        if bool(done.all()) or steps == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_pos = next_pos.view(1, -1, 1).expand(positions.shape[0], -1, 1)
+        out = model(inputs_embeds=embed_tokens(next_tok)[:, None], attention_mask=mask,
+                    position_ids=_position_arg(step_pos), cache=cache, use_cache=True)
+        next_tok = out.logits[:, -1].argmax(-1)
+        next_pos = next_pos + 1
+    _sync(device)
+    t2 = time.perf_counter()
+
+    stacked = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in seqs]
+    result = []
+    for row in stacked:
+        kept = []
+        for t in row:
+            if t in eos_token_ids:
+                break
+            kept.append(t)
+        result.append(kept)
+    return GenerationResult(tokens=result, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, new_tokens=steps)

@@ -1,0 +1,77 @@
+"""LLaVA-OneVision: per-frame visual tokens after the projector + pooling, 1-D positions, splice."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from actors.generation import SplicedSequence
+from actors.splice import EncodedVideo, PrunedVideo
+from iwp import TokenLayout
+
+
+class LlavaOneVisionAdapter:
+    arch = "llava_onevision"
+
+    def __init__(self, model, processor, *, original_positions: bool = True):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.video_token_id = model.config.video_token_index
+        # keep each kept token's position from the full sequence (True) or renumber 0..L'-1 (False)
+        self.original_positions = original_positions
+        vc = model.config.vision_config
+        side = math.ceil((vc.image_size // vc.patch_size) / 2)  # get_video_features pools 2x2 bilinear
+        self.grid_hw = (side, side)
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @torch.inference_mode()
+    def encode(self, frames: list[np.ndarray], timestamps: list[list[float]]) -> list[EncodedVideo]:
+        videos = []
+        cfg = self.model.config
+        for f in frames:  # frame counts may differ between videos: one vision call per video
+            pixels = self.processor.video_processor(videos=[f], return_tensors="pt")["pixel_values_videos"]
+            pixels = pixels.to(self.model.device, self.model.dtype)
+            feats = self.model.model.get_video_features(
+                pixels, vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True).pooler_output[0]
+            per_frame = self.grid_hw[0] * self.grid_hw[1]
+            n = feats.shape[0] - 1
+            layout = TokenLayout(chunk_sizes=(per_frame,) * (n // per_frame), grid_hw=self.grid_hw)
+            videos.append(EncodedVideo(embeds=feats[:-1], layout=layout, trailing=feats[-1:]))
+        return videos
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if prompt not in self._prompt_ids:
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompt_ids[prompt]
+
+    def full_input_ids(self, video: EncodedVideo, prompt: str) -> torch.Tensor:
+        ids = self.prompt_ids(prompt)
+        i = ids.index(self.video_token_id)
+        n = video.embeds.shape[0] + video.trailing.shape[0]
+        return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
+
+    @torch.inference_mode()
+    def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:
+        ids = self.full_input_ids(video, prompt)
+        embeds = self.model.get_input_embeddings()(ids)
+        video_idx = torch.nonzero(ids == self.video_token_id).squeeze(1)
+        frame_idx, trailing_idx = video_idx[:-video.trailing.shape[0]], video_idx[-video.trailing.shape[0]:]
+        kept_idx = frame_idx[pruned.keep]
+        embeds[kept_idx] = pruned.embeds.to(embeds.dtype)
+        embeds[trailing_idx] = video.trailing.to(embeds.dtype)  # the newline token is never pruned
+        keep_mask = ids != self.video_token_id
+        keep_mask[kept_idx] = True
+        keep_mask[trailing_idx] = True
+        n_kept = int(keep_mask.sum())
+        positions = (torch.nonzero(keep_mask).squeeze(1) if self.original_positions
+                     else torch.arange(n_kept, device=ids.device))
+        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[None])

@@ -1,0 +1,84 @@
+"""Qwen2.5-VL: visual tokens out of the vision tower + merger, full-sequence M-RoPE positions, splice."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actors.generation import SplicedSequence
+from actors.splice import EncodedVideo, PrunedVideo
+from iwp import TokenLayout
+
+
+class Qwen25VLAdapter:
+    arch = "qwen2_5_vl"
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.video_token_id = model.config.video_token_id
+        self.merge = model.config.vision_config.spatial_merge_size
+        self.temporal_patch = model.config.vision_config.temporal_patch_size
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    def preprocess(self, frames: list[np.ndarray]) -> dict:
+        """Pixel patches for a batch of videos (CPU work, done once per video)."""
+        return self.processor.video_processor(videos=list(frames), return_tensors="pt", do_sample_frames=False)
+
+    @torch.inference_mode()
+    def encode(self, frames: list[np.ndarray], timestamps: list[list[float]]) -> list[EncodedVideo]:
+        inputs = self.preprocess(frames)
+        device = self.model.device
+        pixels = inputs["pixel_values_videos"].to(device)
+        grid = inputs["video_grid_thw"].to(device)
+        feats = self.model.model.get_video_features(pixels, grid, return_dict=True).pooler_output
+        videos = []
+        for emb, thw, ts in zip(feats, grid.tolist(), timestamps):
+            t, h, w = thw
+            hm, wm = h // self.merge, w // self.merge
+            layout = TokenLayout(chunk_sizes=(hm * wm,) * t, grid_hw=(hm, wm))
+            videos.append(EncodedVideo(embeds=emb, layout=layout,
+                                       meta={"grid_thw": thw, "second_per_grid": self._seconds_per_grid(ts)}))
+        return videos
+
+    def _seconds_per_grid(self, timestamps: list[float]) -> float:
+        # one temporal token group spans `temporal_patch_size` sampled frames
+        if len(timestamps) < 2 or timestamps[-1] <= timestamps[0]:
+            return float(self.temporal_patch)
+        step = (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1)
+        return float(self.temporal_patch * step)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Chat-templated prompt with ONE video placeholder token (expanded per video later)."""
+        if prompt not in self._prompt_ids:
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompt_ids[prompt]
+
+    def full_input_ids(self, video: EncodedVideo, prompt: str) -> torch.Tensor:
+        ids = self.prompt_ids(prompt)
+        i = ids.index(self.video_token_id)
+        n = video.embeds.shape[0]
+        return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
+
+    @torch.inference_mode()
+    def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:
+        """Full sequence → M-RoPE positions on it → drop the pruned video tokens, keep everyone's positions."""
+        ids = self.full_input_ids(video, prompt)
+        token_type = (ids == self.video_token_id).int() * 2  # 0 text, 2 video
+        grid = torch.tensor([video.meta["grid_thw"]], device=ids.device)
+        positions, _ = self.model.model.get_rope_index(
+            ids[None], token_type[None], video_grid_thw=grid,
+            second_per_grid_ts=torch.tensor([video.meta["second_per_grid"]], device=ids.device))
+        embeds = self.model.get_input_embeddings()(ids)
+        video_idx = torch.nonzero(ids == self.video_token_id).squeeze(1)
+        kept_idx = video_idx[pruned.keep]
+        embeds[kept_idx] = pruned.embeds.to(embeds.dtype)
+        keep_mask = ids != self.video_token_id
+        keep_mask[kept_idx] = True
+        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[:, 0, keep_mask])
