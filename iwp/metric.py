@@ -16,6 +16,7 @@ from .settings import IWPSettings
 
 _TINY_NORM = 1e-30  # floor for ‖v‖ so log‖v‖ stays finite for all-zero values
 _BLOCK_ELEMENTS = 1 << 22  # bound on the temporaries of one dense block (elements)
+_SAMPLE_BLOCK = 8192  # sampled pairs evaluated per block
 
 
 @dataclass(frozen=True)
@@ -177,12 +178,16 @@ def _sampled_weight_norm(
     # Sample i, j ∝ m̂: f(i,j)/(p_i p_j) = (Σm̂)² dup(i,j), bounded by (Σm̂)², so the variance stays small.
     probs = (mhat.double() / total_mass).cpu()
     pairs = torch.multinomial(probs, 2 * n_samples, replacement=True, generator=generator).to(keys.device)
-    i, j = pairs[:n_samples], pairs[n_samples:]
-    sq_dist = (keys[i] - keys[j]).square().sum(-1)  # (S, H)
-    gram = ((scaled_values[i] * scaled_values[j]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
-    dup = gram / (mhat[i] * mhat[j])
-    dup = torch.where(i == j, torch.zeros_like(dup), dup)  # the diagonal is counted exactly above
-    return diagonal + total_mass**2 * float(dup.double().mean())
+    dup_sum = torch.zeros((), dtype=torch.float64, device=keys.device)
+    for start in range(0, n_samples, _SAMPLE_BLOCK):  # bounded gathers for large n_samples
+        i = pairs[start : min(n_samples, start + _SAMPLE_BLOCK)]
+        j = pairs[n_samples + start : n_samples + min(n_samples, start + _SAMPLE_BLOCK)]
+        sq_dist = (keys[i] - keys[j]).square().sum(-1)  # (S, H), direct: exact for close pairs
+        gram = ((scaled_values[i] * scaled_values[j]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
+        dup = gram / (mhat[i] * mhat[j])
+        dup_sum += torch.where(i == j, torch.zeros_like(dup), dup).sum(dtype=torch.float64)  # diagonal counted exactly
+    dup_mean = float(dup_sum) / n_samples
+    return diagonal + total_mass**2 * dup_mean
 
 
 def relative_residual(
@@ -197,7 +202,9 @@ def relative_residual(
     """‖W − W_S‖²_F / ‖W‖²_F for the kept set S (indices or a bool mask), from the kernel.
 
     Always the exact stacked-head Frobenius norm (settings.head_agg only affects selection);
-    settings.temperature sets the kernel. Dense for N <= max_exact, else a sampled estimate.
+    settings.temperature sets the kernel. Dense for N <= max_exact, else a sampled estimate:
+    exact diagonal plus off-diagonal pairs drawn ∝ magnitude (each sum unbiased; the ratio's
+    standard deviation shrinks as 1/√n_samples, about 0.02 at 4096 on clustered tokens).
     Can exceed 1 only when values are anti-correlated (then dropping tokens can grow W).
     """
     f = token_features(keys, values, IWPSettings(temperature=settings.temperature, head_agg="frobenius"))
