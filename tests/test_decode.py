@@ -2,7 +2,6 @@
 timeout/crash protection, fsspec byte streams. Videos are synthesized per session (tests/conftest_videos.py)."""
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import pickle
