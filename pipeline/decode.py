@@ -164,6 +164,7 @@ def sample_frame_indices(n_frames: int, avg_fps: float, spec: SamplingSpec,
     Fixed-count mode: the window is cut into `num_frames` equal time segments and the frame shown at
     the centre of each is taken. A window with fewer frames than requested therefore repeats frames
     (each frame about equally often): the count stays fixed, and with it the model's token budget.
+    With a variable frame rate a frame shown for longer than one segment can also be taken twice.
 
     fps mode: one frame every 1/fps seconds from the window start; more than `max_frames` such times
     are thinned evenly (centres of `max_frames` equal groups). Frames repeat when fps exceeds the
