@@ -11,6 +11,7 @@ import traceback
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from actors.generation import greedy_generate
@@ -25,11 +26,6 @@ ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error
 
 def frames_from_row(row: dict) -> np.ndarray:
     return np.frombuffer(row["frames"], dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
-
-
-def _rows_to_dicts(batch: dict[str, np.ndarray]) -> list[dict]:
-    n = len(next(iter(batch.values())))
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
 class VideoCaptioner:
@@ -52,8 +48,8 @@ class VideoCaptioner:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
 
     # ---- Ray Data entry point ----
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = _rows_to_dicts(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()  # Arrow → Python keeps nulls as None (numpy batches would make them NaN)
         out: list[dict] = []
         good = [r for r in rows if r["status"] == "ok"]
         for r in rows:
@@ -69,7 +65,7 @@ class VideoCaptioner:
                     except Exception as e:
                         out += self._error_rows(r, "model_error", f"{type(e).__name__}: {e}",
                                                 detail=traceback.format_exc(limit=3))
-        return {k: [row.get(k) for row in out] for k in (*ROW_FIELDS, *self.row_defaults)}
+        return pa.Table.from_pylist([{k: row.get(k) for k in (*ROW_FIELDS, *self.row_defaults)} for row in out])
 
     # ---- the work ----
     def label_videos(self, rows: list[dict]) -> list[dict]:

@@ -1,0 +1,163 @@
+"""`framescribe` command line. `run`'s flags are generated from `RunConfig`, so flags, YAML and the
+Python API can never drift apart."""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Label video corpora with vision-language models on Ray Data (IWP token pruning).")
+console = Console(stderr=True)
+
+EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+
+
+def _flag_type(annotation):
+    """CLI type for a pydantic field annotation (Optional[X] → X, Literal → str; pydantic validates later)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return str
+    return annotation
+
+
+def _config_params() -> list[inspect.Parameter]:
+    params = []
+    for name, field in RunConfig.model_fields.items():
+        ftype = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if ftype is bool else [flag]
+        default = "required unless in --config" if field.is_required() else field.default
+        help_ = (field.description or "") + f" [default: {default}]"
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[ftype],
+            default=typer.Option(None, *decls, help=help_, show_default=False)))
+    return params
+
+
+def _config_from_cli(config: Optional[Path], values: dict) -> RunConfig:
+    return load_config(config, **values)
+
+
+def print_summary(summary) -> None:
+    t = Table(title="framescribe run", show_header=False)
+    rows = [("videos", f"{summary.videos_total} ({summary.videos_skipped} already labeled, skipped)"),
+            ("ok / error", f"{summary.videos_ok} / {summary.videos_error}"),
+            ("rows written", str(summary.rows)),
+            ("frames decoded", str(summary.frames_decoded)),
+            ("visual tokens kept / full", f"{summary.visual_tokens_kept} / {summary.visual_tokens_full}"),
+            ("videos/s", f"{summary.videos_per_s:.2f} ({summary.seconds:.1f} s)"),
+            ("output", summary.output), ("run id", summary.run_id)]
+    if summary.error_types:
+        rows.insert(2, ("errors by type", ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_types.items()))))
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
+def execute(cfg: RunConfig) -> int:
+    """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 1 failed)."""
+    from pipeline.run import ErrorRatioExceeded, run_pipeline
+
+    try:
+        summary = run_pipeline(cfg)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return EXIT_CONFIG
+    except ErrorRatioExceeded as e:
+        print_summary(e.summary)
+        console.print(f"[red]error:[/red] {e}")
+        return EXIT_ERROR_RATIO
+    print_summary(summary)
+    return 0
+
+
+def run(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of the options below"),
+        **values):
+    """Label videos: discover → decode → model → Parquet. Flags override the --config file."""
+    try:
+        cfg = _config_from_cli(config, values)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_CONFIG)
+    raise typer.Exit(execute(cfg))
+
+
+run.__signature__ = inspect.Signature(
+    [inspect.signature(run).parameters["config"], *_config_params()])
+app.command("run")(run)
+
+
+@app.command("tiny-model")
+def tiny_model(out_dir: Path = typer.Argument(..., help="directory to write the model to"),
+               arch: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl | llava_onevision"),
+               seed: int = typer.Option(0)):
+    """Write a random-weight tiny model of a real architecture (offline tokenizer + processor)."""
+    from actors.tiny_model import ARCHS, make_tiny_model
+
+    if arch not in ARCHS:
+        console.print(f"[red]error:[/red] arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise typer.Exit(EXIT_CONFIG)
+    path = make_tiny_model(out_dir, arch, seed=seed)
+    console.print(f"wrote {arch} tiny model to {path}")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="where videos, model and output go"),
+         model: Optional[str] = typer.Option(None, help="model to use (default: a tiny offline model)"),
+         pruner: str = typer.Option("iwp"), retention: float = typer.Option(0.25)):
+    """Make a few short videos (and one broken file), make or reuse a tiny model, label them on local Ray."""
+    from actors.tiny_model import make_tiny_model
+    from pipeline.sample_videos import make_demo_videos
+
+    videos = workdir / "videos"
+    make_demo_videos(videos, n=4)
+    (videos / "broken.mp4").write_bytes(b"this is not a video")
+    if model is None:
+        model_dir = workdir / "tiny-qwen2_5_vl"
+        if not (model_dir / "config.json").is_file():
+            make_tiny_model(model_dir, "qwen2_5_vl")
+        model = str(model_dir)
+    cfg = RunConfig(input=str(videos), output=str(workdir / "labels"), model=model, pruner=pruner,
+                    retention=retention, max_new_tokens=12, batch_size=4, overwrite=True)
+    code = execute(cfg)
+    if code == 0:
+        _print_rows(cfg.output)
+        console.print(f"Parquet dataset: {Path(cfg.output).resolve()}  "
+                      f"(read it with pyarrow.dataset.dataset(PATH) or duckdb read_parquet('PATH/**/*.parquet'))")
+    raise typer.Exit(code)
+
+
+def _print_rows(output: str) -> None:
+    from pipeline.output import read_rows
+
+    rows = read_rows(output, columns=["uri", "status", "visual_tokens_kept", "visual_tokens_full", "text",
+                                      "error_type"]).to_pylist()
+    t = Table(title="rows")
+    for c in ("video", "status", "tokens", "text / error"):
+        t.add_column(c)
+    for r in sorted(rows, key=lambda r: r["uri"]):
+        tokens = f"{r['visual_tokens_kept']}/{r['visual_tokens_full']}" if r["status"] == "ok" else ""
+        t.add_row(Path(r["uri"]).name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:60])
+    Console().print(t)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

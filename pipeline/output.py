@@ -1,0 +1,110 @@
+"""Output contract: the Parquet schema, atomic per-block commits, and reading a run's rows back."""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from pipeline.storage import get_fs, join, storage_options
+
+OUTPUT_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+    ("text", pa.string()), ("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
+    ("model", pa.string()), ("model_revision", pa.string()), ("pruner", pa.string()), ("retention", pa.float64()),
+    ("retention_used", pa.float64()), ("visual_tokens_full", pa.int64()), ("visual_tokens_kept", pa.int64()),
+    ("iwp_residual", pa.float64()), ("frames_sampled", pa.int64()), ("frame_timestamps", pa.list_(pa.float64())),
+    ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("decode_ms", pa.float64()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
+    ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
+    ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+STATE_DIR = "_framescribe"  # run summaries; the leading underscore keeps it out of dataset readers
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Cast a block to the output schema (missing columns become nulls)."""
+    cols = []
+    for f in OUTPUT_SCHEMA:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type) if table.column(f.name).type != f.type
+                        else table.column(f.name))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=OUTPUT_SCHEMA)
+
+
+def part_name(table: pa.Table) -> str:
+    """Deterministic part name from the rows' keys: rewriting the same rows replaces the same object."""
+    keys = sorted(zip(table.column("video_id").to_pylist(), table.column("prompt_id").to_pylist(),
+                      table.column("labeling_hash").to_pylist()))
+    digest = hashlib.sha256(repr(keys).encode()).hexdigest()[:24]
+    return f"part-{digest}.parquet"
+
+
+def write_part(table: pa.Table, output: str, *, s3_endpoint: str | None = None, anon: bool = False) -> str:
+    """Write one Parquet part atomically: a temp object first, then a rename to its final name."""
+    import pyarrow.parquet as pq
+
+    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    fs.makedirs(root, exist_ok=True)
+    final = join(root, part_name(table))
+    tmp = join(root, f"_tmp-{uuid.uuid4().hex}.inprogress")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(tmp, final)
+    return final
+
+
+class AtomicParquetSink(Datasink):
+    """Ray Data sink: each write task commits its rows as one part; a killed run leaves only whole parts."""
+
+    def __init__(self, output: str, *, s3_endpoint: str | None = None, anon: bool = False):
+        self.output, self.s3_endpoint, self.anon = output, s3_endpoint, anon
+
+    def write(self, blocks: Iterable, ctx) -> list[str]:
+        tables = [conform(BlockAccessor.for_block(b).to_arrow()) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        return [write_part(pa.concat_tables(tables), self.output, s3_endpoint=self.s3_endpoint, anon=self.anon)]
+
+
+def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str | None = None,
+              anon: bool = False) -> pa.Table:
+    """Every committed row under `output` (empty table with the schema when there is none)."""
+    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    if not fs.exists(root) or not fs.glob(join(root, "*.parquet")):
+        table = OUTPUT_SCHEMA.empty_table()
+        return table.select(columns) if columns else table
+    ds = pads.dataset(root, format="parquet", filesystem=_arrow_fs(fs), schema=OUTPUT_SCHEMA)
+    return ds.to_table(columns=columns)
+
+
+def _arrow_fs(fs):
+    from pyarrow.fs import PyFileSystem, FSSpecHandler, LocalFileSystem
+
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return LocalFileSystem()
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpoint: str | None = None,
+              anon: bool = False) -> set[tuple[str, str]]:
+    """(video_id, prompt_id) pairs already committed for this labeling config."""
+    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status"],
+                  s3_endpoint=s3_endpoint, anon=anon)
+    t = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
+    if not include_errors:
+        t = t.filter(pc.equal(t["status"], "ok"))
+    return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+
+
+__all__ = ["OUTPUT_SCHEMA", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
+           "storage_options", "STATE_DIR"]
