@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, RunConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Label video corpora with vision-language models on Ray Data (IWP token pruning).")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
 
@@ -152,6 +152,11 @@ def _print_rows(output: str) -> None:
         tokens = f"{r['visual_tokens_kept']}/{r['visual_tokens_full']}" if r["status"] == "ok" else ""
         t.add_row(Path(r["uri"]).name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:60])
     Console().print(t)
+
+
+from pipeline.submit import register as _register_submit  # noqa: E402  (`submit`, `job status|logs|stop|list`)
+
+_register_submit(app, _config_params)
 
 
 def main() -> None:

@@ -48,8 +48,8 @@ def mixed_dir(tmp_path_factory, corpus) -> Path:
     for name in ("h264", "vp9", "mpeg4_avi", "one_frame", "odd_98x62", "rotated90", "vfr", "unicode"):
         if name in videos:
             shutil.copy(videos[name].path, d / videos[name].path.name)
-    for name, p in broken.items():
-        shutil.copy(p, d / f"broken_{name}{p.suffix}")
+    for name, p in broken.items():  # an audio-only .m4a is stored as .mp4, as such files often are
+        shutil.copy(p, d / f"broken_{name}{p.suffix if p.suffix != '.m4a' else '.mp4'}")
     return d
 
 
