@@ -80,6 +80,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown pruner {v!r}; choose one of {', '.join(PRUNERS)}")
         return v
 
+    @field_validator("iwp_layer")
+    @classmethod
+    def _layer_zero_only(cls, v: int) -> int:
+        if v != 0:  # a deeper layer needs the full sequence through the earlier layers
+            raise ValueError("only layer 0 is implemented (keys/values of deeper layers need the full sequence)")
+        return v
+
     @field_validator("input", "output", "model")
     @classmethod
     def _not_blank(cls, v: str) -> str:
