@@ -1,0 +1,50 @@
+"""RunConfig: YAML and flags are one object; bad values name the field and the reason."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_config
+
+BASE = dict(input="videos", output="out", model="m")
+
+
+def test_yaml_and_overrides_merge_with_dashes(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("input: a\noutput: b\nmodel: c\nnum-frames: 12\npruner: iwp\nretention: 0.5\n")
+    cfg = load_config(p, retention=0.25, batch_size=None)
+    assert (cfg.num_frames, cfg.pruner, cfg.retention, cfg.batch_size) == (12, "iwp", 0.25, 4)
+
+
+@pytest.mark.parametrize("overrides, field, reason", [
+    ({"retention": 1.5}, "retention", "less than or equal to 1"),
+    ({"pruner": "magic"}, "pruner", "unknown pruner 'magic'"),
+    ({"num_frames": 0}, "num_frames", "greater than or equal to 1"),
+    ({"task": "summarize"}, "task", "'caption' or 'qa'"),
+    ({"bogus_option": 1}, "bogus_option", "Extra inputs are not permitted"),
+    ({"retention": 0.5}, "config", "needs a pruner"),
+    ({"start": 5.0, "end": 2.0}, "config", "must be greater than start"),
+    ({"iwp_layer": 3}, "iwp_layer", "only layer 0"),
+    ({"pruner": "random", "max_residual": 0.1}, "config", "needs an iwp pruner"),
+])
+def test_bad_values_name_the_field_and_reason(overrides, field, reason):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, **{**BASE, **overrides})
+    assert field in str(e.value) and reason in str(e.value)
+
+
+def test_missing_required_field_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="model: Field required"):
+        load_config(None, input="a", output="b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_labeling_hash_tracks_what_changes_the_text():
+    a = RunConfig(**BASE)
+    assert a.labeling_hash() == RunConfig(**BASE, batch_size=16, concurrency=3).labeling_hash()
+    assert a.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5).labeling_hash()
+    assert a.labeling_hash() != RunConfig(**BASE, prompt="What happens?").labeling_hash()
