@@ -114,7 +114,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     from pipeline.decode import SamplingSpec
 
     items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts)} for v in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # small blocks early: decode starts at once and a slow file holds back few others
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
                                            s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
                 num_cpus=1, concurrency=cfg.decode_concurrency)
