@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Iterable
 
 import pyarrow as pa
@@ -106,5 +108,109 @@ def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpo
     return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
 
 
+KEY_COLUMNS = ("video_id", "prompt_id", "labeling_hash")
+TMP_STALE_S = 3600.0  # a temp object older than this belongs to a writer that died
+
+
+@dataclass
+class CompactionReport:
+    duplicates_removed: int = 0   # rows dropped because another row had the same key
+    parts_rewritten: int = 0      # parts replaced by a filtered copy (new deterministic name)
+    parts_deleted: int = 0        # parts whose every row was a duplicate
+    stale_tmp_removed: int = 0    # leftover `_tmp-*.inprogress` objects of killed writers
+
+
+def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _remove_stale_tmp(fs, root: str, older_than_s: float) -> int:
+    now, removed = datetime.now(timezone.utc), 0
+    for p in fs.glob(join(root, "_tmp-*.inprogress")):
+        try:
+            modified = fs.modified(p)
+            if modified.tzinfo is None:
+                modified = modified.astimezone(timezone.utc)
+            if (now - modified).total_seconds() >= older_than_s:
+                fs.rm_file(p)
+                removed += 1
+        except (FileNotFoundError, NotImplementedError):
+            continue
+    return removed
+
+
+def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: bool = False,
+                       stale_tmp_s: float = TMP_STALE_S) -> CompactionReport:
+    """Keep exactly one row per (video_id, prompt_id, labeling_hash) under `output`.
+
+    Which row stays: an `ok` row over an `error` row, then the newest `created_at`, then (identical rows,
+    e.g. left by a compaction that was killed halfway) the one in the part with the greatest name.
+    Only parts holding a dropped row are touched: parts whose rows all go are deleted first; then each
+    remaining affected part is rewritten atomically under the deterministic name of its kept rows
+    (`write_part`: temp object + rename) and only after that the old part is deleted. A crash at any
+    point leaves every key with at least one row, and the next call finishes the job. Temp objects of
+    dead writers older than `stale_tmp_s` are removed too. Not safe while another run writes to `output`.
+    """
+    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    report = CompactionReport()
+    if not fs.exists(root):
+        return report
+    report.stale_tmp_removed = _remove_stale_tmp(fs, root, stale_tmp_s)
+    parts = sorted(fs.glob(join(root, "*.parquet")))
+    if len(parts) == 0:
+        return report
+    from concurrent.futures import ThreadPoolExecutor
+
+    cols = [*KEY_COLUMNS, "status", "created_at"]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = list(pool.map(lambda p: _read_part(fs, p, cols), parts))
+    keyed = []
+    for i, t in enumerate(tables):
+        t = conform(t).select(cols)
+        keyed.append(t.append_column("_part", pa.array([i] * t.num_rows, pa.int32()))
+                      .append_column("_row", pa.array(range(t.num_rows), pa.int64())))
+    allrows = pa.concat_tables(keyed)
+    counts = allrows.group_by(list(KEY_COLUMNS)).aggregate([("_row", "count")])
+    dup_keys = counts.filter(pc.greater(counts["_row_count"], 1)).select(list(KEY_COLUMNS))
+    if dup_keys.num_rows == 0:
+        return report
+    dups = allrows.join(dup_keys, keys=list(KEY_COLUMNS), join_type="inner")
+
+    never = datetime.min.replace(tzinfo=timezone.utc)
+    best: dict[tuple, tuple] = {}
+    members: dict[tuple, list[tuple[int, int]]] = {}
+    for r in dups.to_pylist():
+        key = tuple(r[k] for k in KEY_COLUMNS)
+        rank = (r["status"] == "ok", r["created_at"] or never, parts[r["_part"]], r["_row"])
+        members.setdefault(key, []).append((r["_part"], r["_row"]))
+        if key not in best or rank > best[key]:
+            best[key] = rank
+    drop: dict[int, set[int]] = {}
+    for key, rows in members.items():
+        keep = (parts.index(best[key][2]), best[key][3])
+        for part_row in rows:
+            if part_row != keep:
+                drop.setdefault(part_row[0], set()).add(part_row[1])
+    report.duplicates_removed = sum(len(v) for v in drop.values())
+
+    emptied = [i for i, rows in drop.items() if len(rows) == tables[i].num_rows]
+    for i in emptied:  # first: a rewrite below may take the name of one of these parts
+        fs.rm_file(parts[i])
+        report.parts_deleted += 1
+    for i, rows in sorted(drop.items()):
+        if i in emptied:
+            continue
+        full = conform(_read_part(fs, parts[i]))
+        mask = pa.array([j not in rows for j in range(full.num_rows)])
+        new_path = write_part(full.filter(mask), output, s3_endpoint=s3_endpoint, anon=anon)
+        if new_path.rstrip("/").rsplit("/", 1)[-1] != parts[i].rstrip("/").rsplit("/", 1)[-1]:
+            fs.rm_file(parts[i])
+        report.parts_rewritten += 1
+    return report
+
+
 __all__ = ["OUTPUT_SCHEMA", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
-           "storage_options", "STATE_DIR"]
+           "storage_options", "STATE_DIR", "compact_duplicates", "CompactionReport"]
