@@ -17,7 +17,7 @@ class IWPSettings:
     floor: float = 0.25  # per-chunk floor as a fraction of an even share K/T; 0 disables
     chunking: str = "temporal"  # "temporal" (chunk = temporal group) | "fixed" (paper-style fixed-size chunks)
     fixed_chunk_size: int = 64  # tokens per chunk when chunking == "fixed"
-    head_agg: str = "mean"  # "mean" over KV heads (cheap) | "frobenius" (exact for the stacked heads)
+    head_agg: str = "mean"  # "mean" of per-head log m and dup (cheap) | "frobenius" (exact for the stacked heads)
     score: str = "mmr"  # "mmr" | "magnitude" (λ=1 ablation) | "duplication" (λ=0 ablation)
     magnitude_norm: str = "max"  # "max": exp(log m − max log m) | "rank": rank-normalised to [0, 1]
     seed: int = 0  # seeds every sampled quantity (residual estimate, random baseline)
