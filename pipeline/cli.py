@@ -62,6 +62,11 @@ def print_summary(summary) -> None:
             ("output", summary.output), ("run id", summary.run_id)]
     if summary.error_types:
         rows.insert(2, ("errors by type", ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_types.items()))))
+    if getattr(summary, "duplicates_removed", 0):
+        rows.insert(-2, ("duplicates removed", f"{summary.duplicates_removed} (one row per video × prompt kept)"))
+    if summary.rows == 0 and summary.videos_total and summary.videos_skipped == summary.videos_total:
+        rows.insert(1, ("nothing to do", "every (video, prompt) is already labeled with this config; "
+                                         "--retry-errors redoes error rows, --overwrite starts over"))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VideoInput, discover_inputs
-from pipeline.output import STATE_DIR, AtomicParquetSink, done_keys, read_rows
-from pipeline.storage import get_fs, join, storage_options
+from pipeline.output import STATE_DIR, AtomicParquetSink, compact_duplicates, done_keys, read_rows
+from pipeline.storage import check_bucket, get_fs, join, storage_options
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RunSummary:
     visual_tokens_kept: int = 0
     seconds: float = 0.0
     error_types: dict = field(default_factory=dict)
+    duplicates_removed: int = 0      # rows dropped by compaction (start + end of the run): one row per key
 
     @property
     def videos_per_s(self) -> float:
@@ -77,6 +78,9 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
     from actors.loading import ModelLoadError, check_model_available
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+    check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+    check_bucket(cfg.input, "input", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+    check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
     try:
         check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
     except ModelLoadError as e:
@@ -174,6 +178,16 @@ def write_state(cfg: RunConfig, summary: RunSummary) -> None:
         json.dump(payload, f, indent=2, default=str)
 
 
+def _compact(cfg: RunConfig, *, before_run: bool) -> int:
+    """Compaction of the output (see `compact_duplicates`); returns the number of rows dropped."""
+    try:
+        return compact_duplicates(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon).duplicates_removed
+    except Exception as e:
+        if not before_run:
+            raise
+        raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
+
+
 def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary:
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
     import ray
@@ -183,19 +197,27 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
     labeling_hash = cfg.labeling_hash()
     discovered, done = preflight(cfg)
     inputs = discovered if inputs is None else inputs
-    todo = []
+    # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
+    dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
+    todo: dict[str, VideoInput] = {}
     for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
         missing = [(pid, p) for pid, p in v.prompts if (v.video_id, pid) not in done]
-        if missing:
-            todo.append(VideoInput(v.uri, missing))
+        if v.video_id in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
+            have = {pid for pid, _ in todo[v.video_id].prompts}
+            todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
+        elif missing:
+            todo[v.video_id] = VideoInput(v.uri, missing)
+    todo = list(todo.values())
     if todo:
         if not ray.is_initialized():
             ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
                      log_to_driver=True)
         build_dataset(cfg, todo, run_id, labeling_hash).write_datasink(
             AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
+        dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
     summary = summarize(cfg, run_id, labeling_hash, len(inputs), len(inputs) - len(todo),
                         time.perf_counter() - t0)
+    summary.duplicates_removed = dups
     write_state(cfg, summary)
     if summary.error_ratio > cfg.max_error_ratio:
         raise ErrorRatioExceeded(summary, cfg.max_error_ratio)

@@ -30,3 +30,58 @@ def is_remote(uri: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str) -> str:
+    """`text` with credential values from the environment and URL user-info (user:pass@) blanked out."""
+    import re
+
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def check_bucket(uri: str, field: str, *, s3_endpoint: str | None = None, anon: bool = False,
+                 write: bool = False) -> None:
+    """Fail fast, before any cluster work, when an s3:// location cannot be used.
+
+    Raises ConfigError naming `field`: the bucket does not exist (framescribe never creates buckets),
+    access is denied (credentials), or the endpoint cannot be reached. With `write`, a tiny probe
+    object is written under `<uri>/_framescribe/` and deleted again. Local paths are not checked here.
+    """
+    from pipeline.config import ConfigError
+
+    if not is_s3(uri):
+        return
+    fs, path = get_fs(uri, s3_endpoint=s3_endpoint, anon=anon)
+    bucket = path.split("/", 1)[0]
+    hint = ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role) "
+            "or pass --anon for a public bucket")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+        if write:
+            import uuid
+
+            probe = join(path, "_framescribe", f".write-probe-{uuid.uuid4().hex}")
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: bucket {bucket!r} of {uri!r} does not exist "
+                          f"(framescribe does not create buckets)") from None
+    except PermissionError as e:
+        raise ConfigError(f"{field}: access to {uri!r} denied ({redact(str(e))}); {hint}") from None
+    except Exception as e:
+        name = type(e).__name__
+        if "Endpoint" in name or "Connect" in name or isinstance(e, (ConnectionError, TimeoutError)):
+            raise ConfigError(f"{field}: cannot reach the object store for {uri!r} ({name}); check --s3-endpoint "
+                              f"/ AWS_ENDPOINT_URL and the network") from None
+        raise ConfigError(f"{field}: cannot use {uri!r}: {name}: {redact(str(e))}") from None
