@@ -170,6 +170,14 @@ def check_for_cluster(cfg: RunConfig) -> None:
                           "absolute path that exists on the cluster nodes")
 
 
+def check_incremental(cfg: RunConfig) -> None:
+    """What an incremental run refuses (kept here so `submit --incremental` fails before uploading)."""
+    if cfg.overwrite:
+        raise ConfigError("overwrite: an incremental run never overwrites; remove `overwrite` from the config")
+    if cfg.run_id:
+        raise ConfigError("run_id: every incremental run gets its own run id; remove `run_id` from the config")
+
+
 def config_yaml(cfg: RunConfig) -> str:
     """The validated config as the job will read it (`address` dropped: inside a job Ray connects itself)."""
     data = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"address"})
@@ -262,11 +270,16 @@ def make_submit(config_params: Callable[[], list]) -> Callable:
                                        "Default: none; the cluster image is expected to have framescribe's dependencies"),
                submission_id: Optional[str] = typer.Option(None, "--submission-id", help="job id (default: Ray picks one)"),
                entrypoint_num_cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the driver process"),
+               incremental: bool = typer.Option(False, "--incremental",
+                                                help="run `jobs.incremental` (new videos only, under the output's lease) "
+                                                     "instead of `jobs.label`"),
                **values):
         """Submit a labeling run to a Ray cluster as a Ray job (config validated here first)."""
         try:
             cfg = load_config(config, **values)
             check_for_cluster(cfg)
+            if incremental:
+                check_incremental(cfg)
             address_ = resolve_address(address)
             env_vars = local_env_vars(env_from_local)
             pip_ = pip_spec(pip)
@@ -283,7 +296,7 @@ def make_submit(config_params: Callable[[], list]) -> Callable:
             runtime_env["pip"] = pip_
         with tempfile.TemporaryDirectory(prefix="framescribe-job-") as tmp:
             runtime_env["working_dir"] = str(stage_working_dir(config_yaml(cfg), Path(tmp)))
-            entrypoint = f"python -m jobs.label --config {SHIPPED_CONFIG}"
+            entrypoint = f"python -m jobs.{'incremental' if incremental else 'label'} --config {SHIPPED_CONFIG}"
             try:
                 job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                                            entrypoint_num_cpus=entrypoint_num_cpus,
