@@ -18,8 +18,8 @@ How exclusive acquisition is, by storage:
 
 If that race is ever lost, two runs label the same new videos at once. Nothing is corrupted:
 parts are committed atomically and resume keys are deterministic, so the next run sees every
-(video, prompt) as done; at worst some rows exist twice until
-`pipeline.output.compact_duplicates` keeps one per (video_id, prompt_id, labeling_hash). Expiry uses the writers' wall clocks: keep the TTL far above the
+(video, prompt) as done; rows written twice are removed by the compaction every run does at its
+start and end (`pipeline.output.compact_duplicates`: one row per video_id, prompt_id, labeling_hash). Expiry uses the writers' wall clocks: keep the TTL far above the
 clock skew between machines.
 """
 from __future__ import annotations

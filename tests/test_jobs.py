@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from tests.conftest import run_cli
+from tests.conftest_s3 import moto_server, s3  # noqa: F401  (pytest fixtures)
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -304,40 +305,13 @@ def test_lease_local_exclusive_renew_expire_release(tmp_path):
     assert len(wins) == 1
 
 
-@pytest.fixture(scope="module")
-def moto_s3():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        import requests
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(endpoint, timeout=1)
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_lease_on_s3_uses_conditional_writes(moto_s3, monkeypatch):
-    import s3fs
-
+def test_lease_on_s3_uses_conditional_writes(s3):
     from jobs.lease import Lease
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem(endpoint_url=moto_s3, skip_instance_cache=True).mkdir("leases")
+    bucket = s3.new_bucket()
     clock = _Clock()
-    kw = dict(ttl_s=60, s3_endpoint=moto_s3, settle_s=0, clock=clock)
-    a, b, c = (Lease("s3://leases/out", owner=o, **kw) for o in "abc")
+    kw = dict(ttl_s=60, settle_s=0, clock=clock)   # settle 0: only the conditional headers can refuse
+    a, b, c = (Lease(f"s3://{bucket}/out", owner=o, **kw) for o in "abc")
     assert a.kind == "s3"
     assert a.acquire() and not b.acquire() and b.holder.owner == "a"
     clock.t += 61
