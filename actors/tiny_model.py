@@ -17,7 +17,8 @@ describe what which who how many much does did do there object objects shape sha
 white black orange purple cyan magenta gray square circle triangle star small large big medium moves moving move left
 right up down appears appeared disappears disappeared first last start end beginning background static panning
 textured touch touched edge ever never yes no one two three four five six seven eight zero changed change between
-answer question caption short long scene camera motion direction distinct same different . , ? ! : ;""".split()
+answer question caption short long scene camera motion direction distinct same different . , ? ! : ;
+options""".split()  # append new words at the end only: ids of the existing words must not move
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
