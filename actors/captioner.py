@@ -6,6 +6,7 @@ Pruning is query-agnostic, so a video is encoded and pruned once and shared by a
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from typing import Any
@@ -17,6 +18,24 @@ import torch
 from actors.generation import greedy_generate
 from actors.loading import load_model, make_adapter
 from actors.splice import PruneSpec, prune_video
+
+# Test hook: when set to a file path, the first model actor that reaches its second batch creates that
+# file and exits at once (os._exit), as an actor killed by the OOM killer or a node failure would. The
+# file guards it: while it exists no actor crashes again, so Ray's restart + task retry must finish the run.
+CRASH_ONCE_ENV = "FRAMESCRIBE_TEST_ACTOR_CRASH_ONCE"
+
+
+def _maybe_crash_for_test(calls: int) -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if not marker or calls < 2:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
+
 
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
               "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
@@ -46,9 +65,12 @@ class VideoCaptioner:
                                     *(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist())]
                         if isinstance(i, int) and i >= 0}
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
+        self._calls = 0
 
     # ---- Ray Data entry point ----
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._calls += 1
+        _maybe_crash_for_test(self._calls)
         rows = batch.to_pylist()  # Arrow → Python keeps nulls as None (numpy batches would make them NaN)
         out: list[dict] = []
         good = [r for r in rows if r["status"] == "ok"]
