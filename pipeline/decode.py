@@ -250,10 +250,40 @@ def resize_to_budget(frames: np.ndarray, max_pixels: int) -> np.ndarray:
 _decord_mod = None
 
 
+def _import_decord():
+    """`import decord`, without the CUDA libraries it does not need.
+
+    On import, decord2 (3.4) dlopens every shared library of the `nvidia-*` pip packages it finds (torch
+    installs cuBLAS, cuDNN, NCCL, ...): about 650 MiB of RSS in every process that decodes, for a decoder
+    that runs on the CPU here. Hiding the `nvidia` package during the import skips that (RSS after the
+    import: ~40 MiB); a CUDA build of decord2 that cannot load without them is imported the normal way.
+    """
+    import sys
+
+    if "decord" in sys.modules:
+        return sys.modules["decord"]
+    hide = "nvidia" not in sys.modules
+    if hide:
+        sys.modules["nvidia"] = None  # importlib.util.find_spec("nvidia") -> None
+    try:
+        import decord
+    except Exception:
+        for name in [m for m in sys.modules if m == "decord" or m.startswith("decord.")]:
+            del sys.modules[name]
+        if hide:
+            sys.modules.pop("nvidia", None)
+            hide = False
+        import decord
+    finally:
+        if hide:
+            sys.modules.pop("nvidia", None)
+    return decord
+
+
 def _decord():
     global _decord_mod
     if _decord_mod is None:
-        import decord
+        decord = _import_decord()
 
         # Failures come back as DecodeError; FFmpeg's own log lines would only repeat them on stderr.
         decord.logging.set_level(decord.logging.QUIET)
