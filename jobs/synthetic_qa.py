@@ -384,10 +384,12 @@ def answer_words() -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ files
 
-def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_clip: int = 3, fmt: str = "mc",
+def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_clip: int = 3,
                 codec: str = "h264") -> Path:
-    """Write `n` clips of `split` as video files plus `manifest.jsonl` (one line per question) and
-    `clips.jsonl` (objects, caption). Returns the manifest path (uri relative to it)."""
+    """Write `n` clips of `split` as video files plus `manifest.jsonl` (one line per question, the
+    `jobs.eval_manifest` format: uri, question, options, answer, qtype) and `clips.jsonl` (objects,
+    caption). Returns the manifest path (uris relative to it). The question is the bare question: the
+    eval harness's default prompt template adds the options the way `Question.prompt("mc")` does."""
     from pipeline.sample_videos import write_video
 
     out = Path(out_dir)
@@ -401,9 +403,8 @@ def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_c
             write_video(out / rel, clip.frames, fps=FPS, codec=codec)
             cf.write(json.dumps({"uri": rel, **clip.meta()}) + "\n")
             for q in eval_questions(clip, per_clip):
-                mf.write(json.dumps({"uri": rel, "question": q.prompt(fmt), "options": q.options,
-                                     "answer": q.answer, "qtype": q.qtype, "format": fmt,
-                                     "clip_id": clip.clip_id}) + "\n")
+                mf.write(json.dumps({"uri": rel, "question": q.question, "options": q.options,
+                                     "answer": q.answer, "qtype": q.qtype, "clip_id": clip.clip_id}) + "\n")
     return manifest
 
 

@@ -1,0 +1,594 @@
+"""`framescribe bench quality`: what each pruner costs in answers and in fidelity, side by side.
+
+Two measurements, both through the pipeline's own seam (adapter.encode → prune_video → adapter.splice →
+greedy_generate / prefill):
+
+1. **Accuracy** on the synthetic temporal video-QA test split (`jobs.synthetic_qa`) with the trained tiny
+   Qwen2.5-VL (`jobs.train_tiny`; the shipped one by default): every pruner × retention answers the same
+   questions about the same clips with the same seeds. Two scores: greedy exact match (what the pipeline
+   writes) and option log-likelihood.
+2. **Fidelity**: relative error ‖x_pruned − x_full‖ / ‖x_full‖ of every LLM layer's attention output and
+   hidden state at the text positions after the video (the prompt tokens, which are the same in both
+   sequences), and of the final (normed) hidden state, against the unpruned model. On the trained tiny
+   model (test clips) and on a random-weight model with Qwen2.5-VL-7B layer shapes (hidden 3584, 28 heads /
+   4 KV heads, MLP 18944; vision tower width 1280) cut to `--big-layers` LLM layers and as many vision
+   blocks so it fits a CPU, over natural-looking clips (fractal-noise scenery, gradients, a panning camera,
+   shaded moving objects). Random weights say nothing about answers, only about how much of the attention
+   output a pruned token set preserves.
+
+Optionally (`--sweep-videos N`) the IWP knobs (λ, temperature, floor) are swept one at a time on the
+VALIDATION split at retentions 0.25 and 0.10, and the best values are used for the IWP rows.
+
+Outputs in `--out`: accuracy.csv, accuracy_by_type.csv, fidelity.csv, sweep.csv (if swept),
+quality.md (the tables), accuracy.png (accuracy vs retention, one line per method), fidelity.png.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
+SWEEP_GRID = {"lam": (0.3, 0.5, 0.7, 0.9), "temperature": (0.5, 1.0, 2.0, 4.0), "floor": (0.0, 0.25, 0.5)}
+SWEEP_RETENTIONS = (0.25, 0.10)
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
+
+ACCURACY_COLUMNS = ("method", "retention", "questions", "accuracy", "loglik_accuracy", "rel_accuracy",
+                    "rel_loglik_accuracy", "kept_tokens", "full_tokens", "residual_mean", "model", "split", "format",
+                    "seed", "lam", "temperature", "floor")
+FIDELITY_COLUMNS = ("model", "method", "retention", "videos", "attn_err_mean", "hidden_err_mean", "final_err",
+                    "residual_mean", "attn_err_layers", "hidden_err_layers")
+
+
+@dataclass
+class QualityConfig:
+    model: Optional[str] = None            # default: the shipped trained tiny model
+    seed: int = 0
+    videos: int = 200                      # test clips for accuracy
+    per_clip: int = 3                      # questions per clip
+    fmt: str = "mc"                        # question format: mc | short
+    retentions: tuple[float, ...] = DEFAULT_RETENTIONS
+    methods: tuple[str, ...] = ()          # default: every pruner in iwp.PRUNERS
+    out: Path = Path("bench-out/quality")
+    fidelity_videos: int = 16              # trained model, test clips; 0 = skip
+    big_videos: int = 2                    # 7B-shaped random model, natural-looking clips; 0 = skip
+    big_layers: int = 2
+    big_resolution: int = 168
+    sweep_videos: int = 0                  # validation clips for the IWP sweep; 0 = no sweep
+    lam: Optional[float] = None            # IWP settings (default: iwp.IWPSettings, or the sweep's choice)
+    temperature: Optional[float] = None
+    floor: Optional[float] = None
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        from iwp import PRUNERS
+
+        if not self.methods:
+            self.methods = tuple(PRUNERS)
+        for m in self.methods:
+            if m not in PRUNERS:
+                raise ValueError(f"methods: unknown pruner {m!r}; choose from {', '.join(PRUNERS)}")
+        for r in self.retentions:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"retentions: each must be in (0, 1], got {r}")
+        if self.fmt not in ("mc", "short"):
+            raise ValueError(f"format must be 'mc' or 'short', got {self.fmt!r}")
+        if self.videos < 1 or self.per_clip < 1:
+            raise ValueError("videos and per_clip must be >= 1")
+
+
+def default_model() -> str:
+    if (SHIPPED_MODEL / "config.json").is_file():
+        return str(SHIPPED_MODEL)
+    raise FileNotFoundError(f"no trained model at {SHIPPED_MODEL}; train one with `python -m jobs.train_tiny "
+                            f"--out DIR` and pass --model DIR")
+
+
+def _cases(methods, retentions) -> list[tuple[str, float]]:
+    cases = []
+    for m in methods:
+        for r in retentions:
+            if m == "none" and r < 1.0:
+                continue
+            cases.append((m, float(r)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+def load_qa(path: str, threads: Optional[int] = None):
+    import torch
+
+    from jobs.qa_scoring import QAModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    # eager attention: FastV reads attention weights; identical outputs to SDPA up to float rounding
+    return QAModel.load(path, attn="eager", max_new_tokens=8)
+
+
+def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chunk: int = 16):
+    """(encoded videos, QA items) for clips 0..n-1 of `split`."""
+    from jobs import synthetic_qa as sq
+    from jobs.qa_scoring import QAItem
+
+    encoded, items = [], []
+    for s in range(0, n, chunk):
+        clips = [sq.make_clip(split, i, seed) for i in range(s, min(n, s + chunk))]
+        encoded += qa.encode([c.frames for c in clips], [c.timestamps for c in clips])
+        for j, c in enumerate(clips):
+            items += [QAItem(s + j, q.prompt(fmt), q.answer, q.options, q.qtype) for q in sq.eval_questions(c, per_clip)]
+    return encoded, items
+
+
+def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> tuple[list[dict], list[dict]]:
+    from actors.splice import PruneSpec
+    from jobs.qa_scoring import answer_items
+
+    rows, by_type = [], []
+    for method, r in cases:
+        t0 = time.perf_counter()
+        spec = PruneSpec(method=method, retention=r, settings=settings, seed=seed)
+        res = answer_items(qa, encoded, items, spec, loglik=True)
+        kept = np.mean([x["kept"] for x in res])
+        resid = [x["residual"] for x in res if x["residual"] is not None]
+        row = {"method": method, "retention": r, "questions": len(res),
+               "accuracy": float(np.mean([x["correct"] for x in res])),
+               "loglik_accuracy": float(np.mean([x["loglik_correct"] for x in res])),
+               "kept_tokens": round(float(kept), 2), "full_tokens": res[0]["full"],
+               "residual_mean": round(float(np.mean(resid)), 4) if resid else None}
+        rows.append(row)
+        types = sorted({x["qtype"] for x in res})
+        for t in types:
+            sel = [x for x in res if x["qtype"] == t]
+            by_type.append({"method": method, "retention": r, "qtype": t, "questions": len(sel),
+                            "accuracy": float(np.mean([x["correct"] for x in sel])),
+                            "loglik_accuracy": float(np.mean([x["loglik_correct"] for x in sel]))})
+        log(f"  {method:>15} @ {r:<5g} acc {row['accuracy']:.3f}  loglik {row['loglik_accuracy']:.3f}  "
+            f"kept {kept:.1f}/{row['full_tokens']}  ({time.perf_counter() - t0:.1f}s)")
+    base = next((x for x in rows if x["method"] == "none"), None)
+    for x in rows:
+        x["rel_accuracy"] = round(x["accuracy"] / base["accuracy"], 4) if base and base["accuracy"] else None
+        x["rel_loglik_accuracy"] = (round(x["loglik_accuracy"] / base["loglik_accuracy"], 4)
+                                    if base and base["loglik_accuracy"] else None)
+    return rows, by_type
+
+
+def sweep_iwp(qa, cfg: QualityConfig, base, log=print) -> tuple[list[dict], dict]:
+    """Coordinate sweep of λ, temperature, floor on the validation split (IWP-temporal, retentions 0.25/0.10)."""
+    encoded, items = encode_clips(qa, "val", cfg.sweep_videos, cfg.seed, cfg.per_clip, cfg.fmt)
+    cache: dict[tuple, float] = {}
+    rows = []
+
+    def score(settings) -> float:
+        key = (settings.lam, settings.temperature, settings.floor)
+        if key not in cache:
+            accs = []
+            for r in SWEEP_RETENTIONS:
+                res, _ = accuracy_rows(qa, encoded, items, [("iwp", r)], settings, cfg.seed, log=lambda m: None)
+                accs.append((res[0]["accuracy"], res[0]["loglik_accuracy"]))
+            cache[key] = float(np.mean([a for a, _ in accs]))
+            rows.append({"lam": settings.lam, "temperature": settings.temperature, "floor": settings.floor,
+                         **{f"acc@{r:g}": a for r, (a, _) in zip(SWEEP_RETENTIONS, accs)},
+                         **{f"loglik@{r:g}": b for r, (_, b) in zip(SWEEP_RETENTIONS, accs)},
+                         "mean_acc": cache[key]})
+            log(f"  sweep λ={settings.lam:g} τ={settings.temperature:g} floor={settings.floor:g}: "
+                f"mean acc {cache[key]:.3f}")
+        return cache[key]
+
+    best = base
+    for _round in range(2):
+        for knob, values in SWEEP_GRID.items():
+            scored = [(score(replace(best, **{knob: v})), -abs(v - getattr(base, knob)), v) for v in values]
+            _, _, v = max(scored)              # best accuracy; ties go to the value nearest the default
+            best = replace(best, **{knob: v})
+    return rows, {"lam": best.lam, "temperature": best.temperature, "floor": best.floor}
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+def _capture(lm):
+    """Forward hooks on every decoder layer's attention and output and on the final norm."""
+    store: dict[str, list] = {"attn": [None] * len(lm.layers), "hidden": [None] * len(lm.layers), "final": [None]}
+    handles = []
+
+    def hook(kind, i):
+        def f(_mod, _inp, out):
+            store[kind][i] = (out[0] if isinstance(out, tuple) else out).detach()
+        return f
+
+    for i, layer in enumerate(lm.layers):
+        handles.append(layer.self_attn.register_forward_hook(hook("attn", i)))
+        handles.append(layer.register_forward_hook(hook("hidden", i)))
+    handles.append(lm.norm.register_forward_hook(hook("final", 0)))
+    return store, handles
+
+
+def text_after_video(qa, enc, prompt: str) -> int:
+    ids = qa.adapter.full_input_ids(enc, prompt)
+    last = int(np.nonzero((ids == qa.adapter.video_token_id).cpu().numpy())[0].max())
+    return len(ids) - last - 1
+
+
+def run_states(qa, seq, n_text: int) -> dict:
+    import torch
+
+    lm = qa.adapter.language_model
+    store, handles = _capture(lm)
+    try:
+        with torch.inference_mode():
+            lm(inputs_embeds=seq.embeds[None], position_ids=seq.positions[:, None],
+               attention_mask=torch.ones(1, seq.embeds.shape[0], dtype=torch.long), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: [x[0, -n_text:].float() for x in v] for k, v in store.items()}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+
+def fidelity_rows(qa, encoded, prompts: list[str], cases, settings, seed: int, model_name: str, log=print) -> list[dict]:
+    """Relative error at the text after the video, per layer, against the unpruned sequence (mean over videos)."""
+    from actors.splice import PrunedVideo, PruneSpec
+
+    refs, n_texts = [], []
+    for enc, prompt in zip(encoded, prompts):
+        n = enc.embeds.shape[0]
+        import torch
+
+        full = PrunedVideo(torch.arange(n), enc.embeds, n, None, 0.0, 1.0)
+        n_text = text_after_video(qa, enc, prompt)
+        refs.append(run_states(qa, qa.splice(enc, full, prompt), n_text))
+        n_texts.append(n_text)
+    rows = []
+    for method, r in cases:
+        t0 = time.perf_counter()
+        spec = PruneSpec(method=method, retention=r, settings=settings, seed=seed)
+        attn, hidden, final, resid = [], [], [], []
+        for enc, prompt, ref, n_text in zip(encoded, prompts, refs, n_texts):
+            p = qa.prune(enc, spec, prompt)
+            st = run_states(qa, qa.splice(enc, p, prompt), n_text)
+            attn.append([_rel(a, b) for a, b in zip(ref["attn"], st["attn"])])
+            hidden.append([_rel(a, b) for a, b in zip(ref["hidden"], st["hidden"])])
+            final.append(_rel(ref["final"][0], st["final"][0]))
+            if p.residual is not None:
+                resid.append(p.residual)
+        a_l = np.mean(attn, axis=0)
+        h_l = np.mean(hidden, axis=0)
+        rows.append({"model": model_name, "method": method, "retention": r, "videos": len(encoded),
+                     "attn_err_mean": round(float(a_l.mean()), 5), "hidden_err_mean": round(float(h_l.mean()), 5),
+                     "final_err": round(float(np.mean(final)), 5),
+                     "residual_mean": round(float(np.mean(resid)), 5) if resid else None,
+                     "attn_err_layers": json.dumps([round(float(x), 5) for x in a_l]),
+                     "hidden_err_layers": json.dumps([round(float(x), 5) for x in h_l])})
+        log(f"  {model_name}: {method:>15} @ {r:<5g} attn {a_l.mean():.4f}  final {np.mean(final):.4f}  "
+            f"({time.perf_counter() - t0:.1f}s)")
+    return rows
+
+
+def natural_clip(seed: int, size: int = 168, frames: int = 16) -> np.ndarray:
+    """(frames, size, size, 3) uint8 natural-looking clip: fractal-noise scenery under a sky gradient, a
+    panning camera, 2-4 shaded objects moving on their own paths, a little sensor noise. Deterministic."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(np.random.SeedSequence([77, seed]))
+    pan = rng.uniform(-1.5, 1.5, size=2)
+    margin = int(math.ceil(np.abs(pan).max() * frames)) + 4
+    big = size + 2 * margin
+    tex = np.zeros((big, big), np.float32)
+    for octave in range(5):                                     # fractal noise: sum of smooth octaves
+        cell = max(2, big // (3 * 2 ** octave))
+        low = rng.random((big // cell + 3, big // cell + 3)).astype(np.float32)
+        up = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize(
+            ((big // cell + 3) * cell, (big // cell + 3) * cell), Image.Resampling.BICUBIC), np.float32)[:big, :big]
+        tex += up / 255.0 / (2 ** octave)
+    tex = (tex - tex.min()) / max(1e-6, float(tex.max() - tex.min()))
+    yy = np.linspace(0, 1, big, dtype=np.float32)[:, None]
+    horizon = rng.uniform(0.3, 0.6)
+    ground = np.stack([0.35 + 0.3 * tex, 0.45 + 0.35 * tex, 0.25 + 0.2 * tex], -1)       # greenish-brown field
+    ground *= rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    sky = np.stack([0.55 + 0.3 * yy, 0.7 + 0.2 * yy, 0.95 - 0.1 * yy], -1) * np.ones((1, big, 1), np.float32)
+    sky = sky + 0.08 * tex[..., None]
+    w = np.clip((yy - horizon) * 12 + 0.5, 0, 1)[..., None]
+    scene = (sky * (1 - w) + ground * w) * 255.0
+    objs = []
+    for _ in range(int(rng.integers(2, 5))):
+        objs.append(dict(c=rng.uniform(30, 240, 3), r=rng.uniform(0.06, 0.16) * size, a=rng.uniform(0.6, 1.6),
+                         p=rng.uniform(0.15, 0.85, 2) * size, v=rng.uniform(-3, 3, 2)))
+    out = np.empty((frames, size, size, 3), np.uint8)
+    gy, gx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for t in range(frames):
+        ox = int(round(margin + pan[0] * (t - frames / 2)))
+        oy = int(round(margin + pan[1] * (t - frames / 2)))
+        img = scene[oy:oy + size, ox:ox + size].copy()
+        for o in objs:
+            cx, cy = o["p"] + o["v"] * t
+            d = ((gx - cx) / (o["r"] * o["a"])) ** 2 + ((gy - cy) / (o["r"] / o["a"])) ** 2
+            m = np.clip((1.0 - d) * 4, 0, 1)[..., None]                                 # soft edge
+            shade = (1.1 - 0.4 * np.clip((gy - cy + o["r"]) / (2 * o["r"]), 0, 1))[..., None]
+            img = img * (1 - m) + np.clip(o["c"] * shade, 0, 255) * m
+        img += rng.normal(0, 2.0, img.shape)
+        out[t] = np.clip(img, 0, 255).astype(np.uint8)
+    blurred = [np.asarray(Image.fromarray(f).filter(ImageFilter.GaussianBlur(0.6))) for f in out]
+    return np.stack(blurred)
+
+
+def big_model_fidelity(cfg: QualityConfig, cases, settings, log=print) -> list[dict]:
+    import torch
+
+    from jobs.model_shapes import build_model
+    from jobs.qa_scoring import QAModel
+
+    log(f"building a random-weight Qwen2.5-VL-7B-shaped model with {cfg.big_layers} LLM layers and "
+        f"{cfg.big_layers} vision blocks (CPU, float32) ...")
+    built = build_model("qwen2_5_vl", "7b", device=torch.device("cpu"), dtype=torch.float32, layers=cfg.big_layers,
+                        vision_layers=cfg.big_layers, resolution=cfg.big_resolution, attn="eager", seed=cfg.seed)
+    qa = QAModel(built.model, built.processor)
+    clips = [natural_clip(cfg.seed * 1000 + i, cfg.big_resolution) for i in range(cfg.big_videos)]
+    encoded = qa.encode(clips, [[i / 8 for i in range(len(c))] for c in clips])
+    prompts = ["Describe this video."] * len(encoded)
+    name = f"qwen2_5_vl-7b-shape-L{cfg.big_layers}-random"
+    rows = fidelity_rows(qa, encoded, prompts, cases, settings, cfg.seed, name, log=log)
+    del qa, built
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def write_csv(path: Path, rows: list[dict], columns=None) -> Path:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in columns})
+    return path
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def accuracy_table(rows: list[dict], key: str = "accuracy") -> str:
+    rets = sorted({r["retention"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    best = {}
+    for ret in rets:
+        if ret < 1.0:
+            vals = [r[key] for r in rows if r["retention"] == ret and r["method"] != "none"]
+            best[ret] = max(vals) if vals else None
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in rets) + " |",
+             "|---|" + "---:|" * len(rets)]
+    for m in methods:
+        cells = []
+        for ret in rets:
+            x = next((r[key] for r in rows if r["method"] == m and r["retention"] == ret), None)
+            s = _pct(x)
+            if x is not None and ret < 1.0 and best.get(ret) is not None and x == best[ret]:
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_table(rows: list[dict], key: str = "final_err") -> str:
+    if not rows:
+        return ""
+    rets = sorted({r["retention"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in rets) + " |", "|---|" + "---:|" * len(rets)]
+    for m in methods:
+        cells = [next((f"{r[key]:.3f}" for r in rows if r["method"] == m and r["retention"] == ret), "")
+                 for ret in rets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_STYLE = {"iwp": dict(color="black", lw=2.6, marker="o"), "iwp_fixed": dict(color="0.35", lw=1.6, ls="--", marker="o"),
+          "iwp_magnitude": dict(color="0.55", lw=1.2, ls=":", marker="o"),
+          "iwp_duplication": dict(color="0.55", lw=1.2, ls="-.", marker="o")}
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
+    base = next((r for r in rows if r["method"] == "none"), None)
+    for ax, key, label in ((axes[0], "accuracy", "greedy exact match"), (axes[1], "loglik_accuracy", "option log-likelihood")):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            if m == "none":
+                continue
+            pts = sorted((r["retention"], r[key]) for r in rows if r["method"] == m)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=m, ms=3.5,
+                    **_STYLE.get(m, dict(lw=1.1, marker=".")))
+        if base:
+            ax.axhline(100 * base[key], color="tab:green", lw=0.8, ls="--", label="unpruned")
+        ax.set_xscale("log")
+        rets = sorted({r["retention"] for r in rows})
+        ax.set_xticks(rets)
+        ax.set_xticklabels([f"{r:g}" for r in rets])
+        ax.set_xlabel("retention (kept visual tokens / all)")
+        ax.set_ylabel(f"accuracy % ({label})")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.2), dpi=80, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sel = [r for r in rows if r["model"] == model and r["retention"] < 1.0]
+        for m in dict.fromkeys(r["method"] for r in sel):
+            pts = sorted((r["retention"], r["attn_err_mean"]) for r in sel if r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, ms=3.5, **_STYLE.get(m, dict(lw=1.1, marker=".")))
+        ax.set_xscale("log")
+        rets = sorted({r["retention"] for r in sel})
+        ax.set_xticks(rets)
+        ax.set_xticklabels([f"{r:g}" for r in rets])
+        ax.set_xlabel("retention")
+        ax.set_ylabel("attention-output rel. error at text after video (mean over layers)")
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[dict], sweep: list[dict],
+                   chosen: dict, meta: dict) -> Path:
+    lines = [f"# Quality benchmark ({meta['model_name']})", "",
+             f"Command: `{meta['command']}`", "",
+             f"Test split: {cfg.videos} clips x {cfg.per_clip} questions ({cfg.fmt} format), seed {cfg.seed}; "
+             f"IWP settings λ={chosen['lam']:g}, temperature={chosen['temperature']:g}, floor={chosen['floor']:g}.", "",
+             "## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy"), "",
+             "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy"), ""]
+    for model in dict.fromkeys(r["model"] for r in fid):
+        sel = [r for r in fid if r["model"] == model]
+        lines += [f"## Fidelity: {model} ({sel[0]['videos']} videos)", "",
+                  "Attention-output relative error at the text after the video, mean over layers:", "",
+                  fidelity_table(sel, "attn_err_mean"), "", "Final hidden state relative error:", "",
+                  fidelity_table(sel, "final_err"), ""]
+    if sweep:
+        keys = list(sweep[0].keys())
+        lines += ["## IWP sweep (validation split, iwp @ 0.25 and 0.10)", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for s in sweep:
+            lines.append("| " + " | ".join(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]) for k in keys) + " |")
+        lines += ["", f"Chosen: {chosen}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
+    import torch
+
+    from iwp import IWPSettings
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = cfg.model or default_model()
+    qa = load_qa(model_path, cfg.threads)
+    defaults = IWPSettings(seed=cfg.seed)
+    base = replace(defaults, **{k: getattr(cfg, k) for k in ("lam", "temperature", "floor") if getattr(cfg, k) is not None})
+    sweep, chosen = [], {"lam": base.lam, "temperature": base.temperature, "floor": base.floor}
+    if cfg.sweep_videos:
+        log(f"sweeping IWP settings on {cfg.sweep_videos} validation clips ...")
+        sweep, chosen = sweep_iwp(qa, cfg, base, log=log)
+        write_csv(out / "sweep.csv", sweep)
+        log(f"chosen IWP settings: {chosen} (defaults: lam={defaults.lam}, temperature={defaults.temperature}, "
+            f"floor={defaults.floor})")
+    settings = replace(base, **chosen)
+    cases = _cases(cfg.methods, cfg.retentions)
+    log(f"accuracy: {cfg.videos} test clips, {len(cases)} method x retention cases ...")
+    encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt)
+    acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log)
+    model_name = Path(model_path).name
+    for r in acc:
+        r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
+    fid = []
+    fid_cases = [(m, r) for m, r in cases if r < 1.0]
+    if cfg.fidelity_videos:
+        from jobs import synthetic_qa as sq
+
+        n = min(cfg.fidelity_videos, len(encoded))
+        prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
+        log(f"fidelity: trained model, {n} test clips ...")
+        fid += fidelity_rows(qa, encoded[:n], prompts, fid_cases, settings, cfg.seed, model_name, log=log)
+    if cfg.big_videos:
+        del qa, encoded
+        fid += big_model_fidelity(cfg, fid_cases, settings, log=log)
+    write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
+    write_csv(out / "accuracy_by_type.csv", by_type)
+    if fid:
+        write_csv(out / "fidelity.csv", fid, FIDELITY_COLUMNS)
+        plot_fidelity(fid, out / "fidelity.png")
+    plot_accuracy(acc, out / "accuracy.png",
+                  f"{model_name}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, {cfg.fmt})")
+    meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
+    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta)
+    (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in asdict(cfg).items()}, "model": model_path,
+                                                 "iwp_settings": chosen, "torch": torch.__version__}, indent=2))
+    return {"accuracy": acc, "by_type": by_type, "fidelity": fid, "sweep": sweep, "chosen": chosen, "markdown": md}
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def _names(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def command(
+    model: Optional[str] = typer.Option(None, help="trained model directory (default: the shipped synthetic-QA model)"),
+    seed: int = typer.Option(0, help="seed of the test clips, the random pruner and the 7B-shaped model"),
+    videos: int = typer.Option(200, help="test clips for accuracy"),
+    per_clip: int = typer.Option(3, help="questions per clip"),
+    fmt: str = typer.Option("mc", "--format", help="question format: mc | short"),
+    retentions: str = typer.Option(",".join(f"{r:g}" for r in DEFAULT_RETENTIONS), help="comma-separated"),
+    methods: str = typer.Option("", help="comma-separated pruners (default: all of iwp.PRUNERS)"),
+    out: Path = typer.Option(Path("bench-out/quality"), help="directory for CSV, Markdown and PNG"),
+    fidelity_videos: int = typer.Option(16, help="test clips for the trained model's fidelity (0: skip)"),
+    big_videos: int = typer.Option(2, help="natural-looking clips for the 7B-shaped random model (0: skip)"),
+    big_layers: int = typer.Option(2, help="LLM layers (and vision blocks) of the 7B-shaped model"),
+    big_resolution: int = typer.Option(168, help="frame side for the 7B-shaped model (multiple of 28)"),
+    sweep_videos: int = typer.Option(0, help="validation clips for the IWP λ/temperature/floor sweep (0: no sweep)"),
+    lam: Optional[float] = typer.Option(None, help="IWP λ (default: iwp.IWPSettings)"),
+    temperature: Optional[float] = typer.Option(None, help="IWP temperature"),
+    floor: Optional[float] = typer.Option(None, help="IWP per-chunk floor"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+):
+    """Accuracy (synthetic temporal video-QA) and attention-output fidelity of every pruner x retention."""
+    import sys
+
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        cfg = QualityConfig(model=model, seed=seed, videos=videos, per_clip=per_clip, fmt=fmt,
+                            retentions=_floats(retentions), methods=_names(methods), out=out,
+                            fidelity_videos=fidelity_videos, big_videos=big_videos, big_layers=big_layers,
+                            big_resolution=big_resolution, sweep_videos=sweep_videos, lam=lam,
+                            temperature=temperature, floor=floor, threads=threads)
+        if cfg.model is None:
+            default_model()
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    res = run_quality(cfg, log=lambda m: err.print(m), command="framescribe bench quality " + " ".join(sys.argv[3:]))
+    print("Accuracy (greedy exact match, %)\n")
+    print(accuracy_table(res["accuracy"], "accuracy"))
+    print("\nAccuracy (option log-likelihood, %)\n")
+    print(accuracy_table(res["accuracy"], "loglik_accuracy"))
+    for model_name in dict.fromkeys(r["model"] for r in res["fidelity"]):
+        print(f"\nFidelity ({model_name}): attention-output relative error, mean over layers\n")
+        print(fidelity_table([r for r in res["fidelity"] if r["model"] == model_name], "attn_err_mean"))
+    err.print(f"wrote {Path(cfg.out).resolve()}: accuracy.csv, accuracy_by_type.csv"
+              f"{', fidelity.csv, fidelity.png' if res['fidelity'] else ''}, accuracy.png, quality.md")

@@ -1,0 +1,162 @@
+"""Answer video questions through the pipeline's own path and score them.
+
+Everything goes through the same seam the labeling pipeline uses: `adapter.encode` (vision tower +
+merger) → `prune_video` (any pruner) → `adapter.splice` (original M-RoPE positions) →
+`greedy_generate` / `prefill_logits`. Two scores per question:
+
+* greedy: the generated text, normalised, equals the answer (exact match);
+* option log-likelihood: the option whose tokens (+ end of turn) the model finds most likely wins.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.generation import SplicedSequence, greedy_generate, prefill_logits
+from actors.splice import EncodedVideo, PrunedVideo, PruneSpec, prune_video
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lowercase, collapse spaces, drop surrounding punctuation: 'Blue circle .' → 'blue circle'."""
+    if text is None:
+        return ""
+    t = re.sub(r"\s+", " ", text.lower()).strip()
+    t = re.sub(r"^[\s.,:;!?]+|[\s.,:;!?]+$", "", t)
+    return re.sub(r"\s+([.,:;!?])", r"\1", t)
+
+
+def match_option(text: str | None, options: list[str]) -> str | None:
+    """The option a free-form answer names (exact after normalisation, else the unique option it contains)."""
+    t = normalize_answer(text)
+    norm = {normalize_answer(o): o for o in options}
+    if t in norm:
+        return norm[t]
+    hits = [o for n, o in norm.items() if n and re.search(rf"(^|\W){re.escape(n)}($|\W)", t)]
+    return hits[0] if len(hits) == 1 else None
+
+
+class QAModel:
+    """A loaded model + adapter with the pipeline's generation settings."""
+
+    def __init__(self, model, processor, *, max_new_tokens: int = 8):
+        from actors.loading import make_adapter
+
+        self.model = model
+        self.processor = processor
+        self.adapter = make_adapter(model, processor)
+        self.tokenizer = processor.tokenizer
+        self.max_new_tokens = max_new_tokens
+        tok = self.tokenizer
+        self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.eos_ids = {i for i in (tok.eos_token_id, self.eos_id) if isinstance(i, int) and i >= 0}
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
+
+    @classmethod
+    def load(cls, path: str, *, attn: str | None = None, max_new_tokens: int = 8) -> "QAModel":
+        from actors.loading import load_model
+
+        model, processor, _ = load_model(path, device="cpu", dtype="float32", attn_implementation=attn)
+        return cls(model, processor, max_new_tokens=max_new_tokens)
+
+    @torch.inference_mode()
+    def encode(self, frames: list[np.ndarray], timestamps: list[list[float]]) -> list[EncodedVideo]:
+        return self.adapter.encode(frames, timestamps)
+
+    @torch.inference_mode()
+    def fastv_scores(self, enc: EncodedVideo, prompt: str) -> torch.Tensor:
+        """Mirror of `VideoCaptioner.fastv_scores`: last prompt token's attention to the video at LLM layer 2."""
+        from actors.generation import _position_arg, left_pad
+
+        n = enc.embeds.shape[0]
+        full = PrunedVideo(torch.arange(n), enc.embeds, n, None, 0.0, 1.0)
+        seq = self.adapter.splice(enc, full, prompt)
+        embeds, mask, positions = left_pad([seq])
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+                         output_attentions=True, use_cache=False, logits_to_keep=1)
+        layer = min(1, len(out.attentions) - 1)
+        ids = self.adapter.full_input_ids(enc, prompt)
+        video_idx = torch.nonzero(ids == self.adapter.video_token_id).squeeze(1)[:n]
+        return out.attentions[layer][0, :, -1, video_idx].float().mean(0)
+
+    def prune(self, enc: EncodedVideo, spec: PruneSpec, prompt: str | None = None) -> PrunedVideo:
+        scores = self.fastv_scores(enc, prompt) if spec.query_dependent else None
+        return prune_video(enc, spec, self.adapter.language_model, attn_scores=scores)
+
+    def splice(self, enc: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:
+        return self.adapter.splice(enc, pruned, prompt)
+
+    @torch.inference_mode()
+    def generate(self, seqs: list[SplicedSequence], batch_size: int = 16) -> list[str]:
+        out = []
+        for s in range(0, len(seqs), batch_size):
+            gen = greedy_generate(self.model, seqs[s:s + batch_size], max_new_tokens=self.max_new_tokens,
+                                  eos_token_ids=self.eos_ids, pad_token_id=self.pad_id)
+            out += self.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
+        return [t.strip() for t in out]
+
+    @torch.inference_mode()
+    def option_scores(self, seq: SplicedSequence, options: list[str]) -> list[float]:
+        """Sum of log-probabilities of each option's tokens + end of turn, continuing after the prompt."""
+        emb = self.model.get_input_embeddings()
+        seqs, targets = [], []
+        next_pos = int(seq.positions.max()) + 1
+        for o in options:
+            ids = self.tokenizer(o, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            ids_t = torch.tensor(ids, device=seq.embeds.device)
+            pos = torch.arange(next_pos, next_pos + len(ids), device=seq.positions.device)
+            pos = pos.view(1, -1).expand(seq.positions.shape[0], -1)
+            seqs.append(SplicedSequence(embeds=torch.cat([seq.embeds, emb(ids_t[:-1]).to(seq.embeds.dtype)]),
+                                        positions=torch.cat([seq.positions, pos[:, :-1]], dim=1)))
+            targets.append(ids)
+        logits = prefill_logits(self.model, seqs).float().log_softmax(-1)
+        scores = []
+        length = logits.shape[1]
+        for b, ids in enumerate(targets):
+            k = len(ids)
+            # rows are right-aligned; position i predicts token i+1, so the last prompt token
+            # (at length - k) predicts ids[0] and the last row predicts the end of turn
+            lp = logits[b, length - k:]
+            scores.append(float(lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).sum()))
+        return scores
+
+
+@dataclass
+class QAItem:
+    video: int            # index into the encoded videos
+    prompt: str
+    answer: str
+    options: list[str]
+    qtype: str = ""
+
+
+def answer_items(qa: QAModel, encoded: list[EncodedVideo], items: list[QAItem], spec: PruneSpec, *,
+                 loglik: bool = True, batch_size: int = 16) -> list[dict]:
+    """Prune every video once (FastV once per question), answer every item; one result dict per item."""
+    pruned_cache: dict[int, PrunedVideo] = {}
+    seqs, pruned_of = [], []
+    for it in items:
+        enc = encoded[it.video]
+        if spec.query_dependent:
+            p = qa.prune(enc, spec, it.prompt)
+        else:
+            if it.video not in pruned_cache:
+                pruned_cache[it.video] = qa.prune(enc, spec)
+            p = pruned_cache[it.video]
+        pruned_of.append(p)
+        seqs.append(qa.splice(enc, p, it.prompt))
+    texts = qa.generate(seqs, batch_size=batch_size)
+    out = []
+    for it, seq, p, text in zip(items, seqs, pruned_of, texts):
+        row = {"qtype": it.qtype, "prompt": it.prompt, "answer": it.answer, "text": text,
+               "correct": normalize_answer(text) == normalize_answer(it.answer),
+               "kept": int(p.keep.numel()), "full": p.n_full, "residual": p.residual}
+        if loglik:
+            sc = qa.option_scores(seq, it.options)
+            pick = it.options[int(np.argmax(sc))]
+            row["loglik_pick"] = pick
+            row["loglik_correct"] = pick == it.answer
+        out.append(row)
+    return out

@@ -1,0 +1,506 @@
+"""Train a tiny Qwen2.5-VL (the real architecture, small sizes) on the synthetic temporal video-QA set.
+
+    python -m jobs.train_tiny --out DIR --seed 0
+
+CPU only, `torch.set_num_threads(2)`. Teacher forcing with the loss on the answer tokens (+ end of
+turn) only. The training sequences are built exactly like the pipeline builds them at inference:
+visual tokens from `get_video_features`, the prompt's full-sequence M-RoPE positions from
+`get_rope_index`, answer tokens continuing after the prompt's largest position (what
+`actors.generation.greedy_generate` does), left padding. Pixel patches are made from the uint8 frames
+with the video processor's own patch layout (checked against the processor at start-up), so no
+processor call sits in the loop.
+
+Reproducible: the model init, the clip set, the question sampling and the batch order all derive from
+`--seed`; with the same torch build and thread count the run is bit-for-bit repeatable.
+
+The output directory is a normal model directory (`save_pretrained` of model + processor) that
+`framescribe run --model DIR` loads; `train_log.jsonl` and `train_summary.json` sit beside it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs import synthetic_qa as sq
+
+
+@dataclass(frozen=True)
+class Sizes:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    rope_theta: float = 10.0              # small θ: with head_dim 32 the h/w M-RoPE sections keep usable frequencies
+    mrope_section: tuple[int, int, int] = (4, 6, 6)
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 128
+    tokens_per_second: int = 4            # at 8 fps a temporal group spans 0.25 s → temporal position step 1
+
+
+def build_model(seed: int, sizes: Sizes = Sizes()):
+    """(model, processor): Qwen2_5_VLForConditionalGeneration from config, offline tokenizer/processor."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from actors.tiny_model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer
+
+    tokenizer = build_tokenizer(QWEN_SPECIAL)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    s = sizes
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta,
+                                          "mrope_section": list(s.mrope_section)},
+                         tie_word_embeddings=True, bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
+                           num_heads=s.vision_heads, out_hidden_size=s.hidden, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s.vision_depth - 1],
+                           tokens_per_second=s.tokens_per_second),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    pix = dict(min_pixels=56 * 56, max_pixels=224 * 224)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**pix), chat_template=QWEN_CHAT_TEMPLATE)
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+
+_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 1, 3, 1, 1)
+_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 1, 3, 1, 1)
+
+
+def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, tp: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, T, H, W, 3) → (pixel_values_videos (B·T/tp·H/p·W/p, 3·tp·p·p), video_grid_thw (B, 3)).
+
+    The Qwen2-VL video processor's rescale + normalise + patch layout, for frames already at a size that is
+    a multiple of 28 within the pixel budget (no resize needed)."""
+    b, t, h, w, c = frames.shape
+    x = frames.permute(0, 1, 4, 2, 3).float() / 255.0
+    x = (x - _MEAN) / _STD
+    gt, gh, gw = t // tp, h // patch, w // patch
+    x = x.reshape(b, gt, tp, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(b * gt * gh * gw, c * tp * patch * patch)
+    grid = torch.tensor([[gt, gh, gw]] * b)
+    return x, grid
+
+
+def check_patchify(processor) -> float:
+    """Max abs difference between `patchify` and the processor on one clip (must be ~0)."""
+    clip = sq.make_clip("val", 0)
+    ref = processor.video_processor(videos=[clip.frames], return_tensors="pt", do_sample_frames=False)
+    ours, grid = patchify(torch.from_numpy(clip.frames[None]))
+    if ref["pixel_values_videos"].shape != ours.shape or grid.tolist() != ref["video_grid_thw"].tolist():
+        raise AssertionError(f"patchify shape {tuple(ours.shape)} {grid.tolist()} != processor "
+                             f"{tuple(ref['pixel_values_videos'].shape)} {ref['video_grid_thw'].tolist()}")
+    return float((ref["pixel_values_videos"] - ours).abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+def _batched_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """Qwen2_5_VLVisionAttention.forward when every window/frame chunk has the same length: one SDPA call
+    over (chunks, heads, len, d) instead of a Python loop over thousands of tiny chunks. Same math."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(set(lengths)) != 1:
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                  max_seqlen=max_seqlen, **kwargs)
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    chunks, length = len(lengths), lengths[0]
+    q, k, v = (x.reshape(chunks, length, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(n, -1))
+
+
+class fast_vision_attention:
+    """Context manager: batched vision attention on this model's blocks only (no global patching)."""
+
+    def __init__(self, model):
+        self.attns = [blk.attn for blk in model.model.visual.blocks]
+
+    def __enter__(self):
+        import types
+
+        for a in self.attns:
+            a.forward = types.MethodType(_batched_vision_attention, a)
+        return self
+
+    def __exit__(self, *exc):
+        for a in self.attns:
+            del a.forward
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ sequences
+
+class SequenceBuilder:
+    """Token ids + M-RoPE positions for (prompt, answer) pairs around a fixed video grid, cached per prompt."""
+
+    def __init__(self, model, processor, grid_thw: tuple[int, int, int], second_per_grid: float):
+        from actors.qwen2_5_vl import Qwen25VLAdapter
+
+        self.model = model
+        self.adapter = Qwen25VLAdapter(model, processor)
+        self.tok = processor.tokenizer
+        self.eos = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.grid = tuple(grid_thw)
+        self.spg = float(second_per_grid)
+        self.n_video = grid_thw[0] * grid_thw[1] * grid_thw[2] // 4
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    @torch.no_grad()
+    def prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(ids (L,), positions (3, L), index of the first video token) of the full prompt sequence."""
+        if prompt not in self._cache:
+            ids = self.adapter.prompt_ids(prompt)
+            i = ids.index(self.adapter.video_token_id)
+            full = torch.tensor(ids[:i] + [self.adapter.video_token_id] * self.n_video + ids[i + 1:])
+            token_type = (full == self.adapter.video_token_id).int() * 2
+            pos, _ = self.model.model.get_rope_index(full[None], token_type[None],
+                                                     video_grid_thw=torch.tensor([self.grid]),
+                                                     second_per_grid_ts=torch.tensor([self.spg]))
+            self._cache[prompt] = (full, pos[:, 0], i)
+        return self._cache[prompt]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
+
+    def batch(self, visual: list[torch.Tensor], samples: list[tuple[int, str, str]]):
+        """Left-padded (embeds, mask, positions, targets) for teacher forcing; targets -100 off the answer."""
+        emb = self.model.get_input_embeddings()
+        rows = []
+        for v, prompt, answer in samples:
+            ids, pos, i = self.prompt(prompt)
+            ans = torch.tensor(self.answer_ids(answer))
+            start = int(pos.max()) + 1                       # decoding continues after the largest position
+            apos = torch.arange(start, start + len(ans) - 1).view(1, -1).expand(3, -1)
+            tokens = torch.cat([ids, ans[:-1]])
+            e = emb(tokens)
+            e = torch.cat([e[:i], visual[v].to(e.dtype), e[i + self.n_video:]])
+            target = torch.full((len(tokens),), -100, dtype=torch.long)
+            target[len(ids) - 1:] = ans                      # last prompt token predicts the first answer token
+            rows.append((e, torch.cat([pos, apos], dim=1), target))
+        length = max(r[0].shape[0] for r in rows)
+        d = rows[0][0].shape[1]
+        embeds, mask = [], torch.zeros(len(rows), length, dtype=torch.long)
+        positions = torch.zeros(3, len(rows), length, dtype=torch.long)
+        targets = torch.full((len(rows), length), -100, dtype=torch.long)
+        for b, (e, p, t) in enumerate(rows):
+            n = e.shape[0]
+            embeds.append(torch.cat([e.new_zeros(length - n, d), e]))
+            mask[b, length - n:] = 1
+            positions[:, b, length - n:] = p
+            targets[b, length - n:] = t
+        return torch.stack(embeds), mask, positions, targets
+
+    def shared_batch(self, visual: list[torch.Tensor], samples: list[list[tuple[str, str]]]):
+        """Several (prompt, answer) pairs per video, the video prefix computed once.
+
+        The chat template puts the video first, so every prompt of a video shares the prefix
+        `<|im_start|>user\\n<|vision_start|>` + visual tokens (same ids, same positions); only the
+        suffix (question, answer) differs. Returns prefix (embeds (B, Lp, D), positions (3, B, Lp)),
+        suffix (embeds (B·Q, Ls, D), positions (3, B·Q, Ls), mask (B·Q, Ls), targets (B·Q, Ls)), right-padded.
+        """
+        emb = self.model.get_input_embeddings()
+        q = len(samples[0])
+        if any(len(s) != q for s in samples):
+            raise ValueError("every video needs the same number of questions")
+        ids0, pos0, i = self.prompt(samples[0][0][0])
+        lp = i + self.n_video
+        head = emb(ids0[:i])
+        prefix = torch.stack([torch.cat([head, v.to(head.dtype)]) for v in visual])
+        prefix_pos = pos0[:, :lp].unsqueeze(1).expand(3, len(visual), lp)
+        rows = []
+        for per_video in samples:
+            for prompt, answer in per_video:
+                ids, pos, j = self.prompt(prompt)
+                if j != i or not torch.equal(pos[:, :lp], pos0[:, :lp]):
+                    raise AssertionError("prompts must share the video prefix")
+                ans = torch.tensor(self.answer_ids(answer))
+                start = int(pos.max()) + 1
+                apos = torch.arange(start, start + len(ans) - 1).view(1, -1).expand(3, -1)
+                tokens = torch.cat([ids[lp:], ans[:-1]])
+                target = torch.full((len(tokens),), -100, dtype=torch.long)
+                target[len(ids) - lp - 1:] = ans
+                rows.append((tokens, torch.cat([pos[:, lp:], apos], dim=1), target))
+        ls = max(len(r[0]) for r in rows)
+        pad = self.tok.pad_token_id
+        tokens = torch.full((len(rows), ls), pad, dtype=torch.long)
+        positions = torch.zeros(3, len(rows), ls, dtype=torch.long)
+        mask = torch.zeros(len(rows), ls, dtype=torch.long)
+        targets = torch.full((len(rows), ls), -100, dtype=torch.long)
+        for b, (t, p, tg) in enumerate(rows):
+            n = len(t)
+            tokens[b, :n], positions[:, b, :n], mask[b, :n], targets[b, :n] = t, p, 1, tg
+            positions[:, b, n:] = p[:, -1:] + 1
+        return (prefix, prefix_pos), (emb(tokens), positions, mask, targets)
+
+
+def shared_prefix_logits(model, prefix, suffix) -> torch.Tensor:
+    """Logits of the suffix rows: the LLM runs the video prefix once per video, repeats its KV cache for the
+    video's Q suffixes, then runs the suffixes (same math as one full sequence per question)."""
+    from transformers import DynamicCache
+
+    (pre, pre_pos), (suf, suf_pos, suf_mask, _) = prefix, suffix
+    lm = model.model.language_model
+    b, lp = pre.shape[:2]
+    q = suf.shape[0] // b
+    cache = DynamicCache(config=model.config.get_text_config())
+    lm(inputs_embeds=pre, attention_mask=torch.ones(b, lp, dtype=torch.long), position_ids=pre_pos, cache=cache,
+       use_cache=True)
+    cache.batch_repeat_interleave(q)
+    mask = torch.cat([torch.ones(b * q, lp, dtype=torch.long), suf_mask], dim=1)
+    h = lm(inputs_embeds=suf, attention_mask=mask, position_ids=suf_pos, cache=cache, use_cache=True).last_hidden_state
+    return model.lm_head(h)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def sample_question(rng: random.Random, clip: sq.SynthClip, caption_prob: float) -> tuple[str, str]:
+    """(prompt, answer): a caption with `caption_prob`, else a question type uniformly, then one of its
+    questions, short-answer or multiple-choice with equal odds."""
+    if rng.random() < caption_prob:
+        return sq.CAPTION_PROMPT, clip.caption
+    by_type: dict[str, list[sq.Question]] = {}
+    for q in clip.questions:
+        by_type.setdefault(q.qtype, []).append(q)
+    qtype = rng.choice(sorted(by_type))
+    q = rng.choice(by_type[qtype])
+    opts = list(q.options)
+    rng.shuffle(opts)                                        # option order varies: no position shortcut
+    mcq = sq.Question(q.qtype, q.question, q.answer, opts)
+    return mcq.prompt(rng.choice(("short", "mc"))), q.answer
+
+
+def _make_clip(args: tuple[str, int, int]) -> sq.SynthClip:
+    return sq.make_clip(*args)
+
+
+def generate_clips(split: str, n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, list[sq.SynthClip]]:
+    """All frames (n, T, H, W, 3) uint8 and the clips' metadata (their frames dropped to save memory)."""
+    frames = np.empty((n, sq.FRAMES, sq.SIZE, sq.SIZE, 3), dtype=np.uint8)
+    jobs = [(split, i, seed) for i in range(n)]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            made = pool.imap(_make_clip, jobs, chunksize=32)
+            clips = []
+            for i, clip in enumerate(made):
+                frames[i], clip.frames = clip.frames, None
+                clips.append(clip)
+    else:
+        clips = []
+        for i, job in enumerate(jobs):
+            clip = _make_clip(job)
+            frames[i], clip.frames = clip.frames, None
+            clips.append(clip)
+    return frames, clips
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def evaluate(model, processor, split: str, n: int, seed: int = 0, per_clip: int = 3, formats=("short", "mc"),
+             loglik: bool = True, log=None) -> dict:
+    """Unpruned accuracy through the pipeline path (adapter.encode → splice → greedy_generate)."""
+    from actors.splice import PruneSpec
+    from jobs.qa_scoring import QAItem, QAModel, answer_items
+
+    model.eval()
+    qa = QAModel(model, processor, max_new_tokens=8)
+    results: dict[str, list[dict]] = {f: [] for f in formats}
+    chunk = 16
+    for s in range(0, n, chunk):
+        clips = [sq.make_clip(split, i, seed) for i in range(s, min(n, s + chunk))]
+        enc = qa.encode([c.frames for c in clips], [c.timestamps for c in clips])
+        for f in formats:
+            items = [QAItem(j, q.prompt(f), q.answer, q.options, q.qtype)
+                     for j, c in enumerate(clips) for q in sq.eval_questions(c, per_clip)]
+            results[f] += answer_items(qa, enc, items, PruneSpec(), loglik=loglik)
+    out = {}
+    for f, rows in results.items():
+        out[f"{f}_greedy"] = float(np.mean([r["correct"] for r in rows]))
+        if loglik:
+            out[f"{f}_loglik"] = float(np.mean([r["loglik_correct"] for r in rows]))
+        by = {}
+        for r in rows:
+            by.setdefault(r["qtype"], []).append(r["correct"])
+        out[f"{f}_by_type"] = {k: round(float(np.mean(v)), 3) for k, v in sorted(by.items())}
+    out["questions"] = len(results[formats[0]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    prog = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def train(out: Path, *, seed: int = 0, steps: int = 1500, batch: int = 16, questions: int = 4, lr: float = 2e-3,
+          warmup: int = 100, bf16: bool = True,
+          train_clips: int = 6000, caption_prob: float = 0.1, eval_clips: int = 200, eval_every: int = 500,
+          sizes: Sizes = Sizes(), threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
+          ) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or out / "train_log.jsonl"
+    logf = open(log_path, "a")
+
+    def log(**kw):
+        kw["t"] = round(time.perf_counter() - t0, 1)
+        line = json.dumps(kw)
+        logf.write(line + "\n")
+        logf.flush()
+        print(line, flush=True)
+
+    t0 = time.perf_counter()
+    model, processor = build_model(seed, sizes)
+    diff = check_patchify(processor)
+    if diff > 1e-4:
+        raise AssertionError(f"patchify differs from the processor by {diff}")
+    log(event="start", seed=seed, steps=steps, batch=batch, questions=questions, lr=lr, bf16=bf16,
+        train_clips=train_clips,
+        params=sum(p.numel() for p in model.parameters()), sizes=asdict(sizes), patchify_max_diff=diff,
+        torch=torch.__version__, threads=torch.get_num_threads())
+    frames, clips = generate_clips("train", train_clips, seed)
+    log(event="data", clips=len(clips))
+
+    grid = (sq.FRAMES // 2, sq.SIZE // 14, sq.SIZE // 14)
+    builder = SequenceBuilder(model, processor, grid, second_per_grid=2.0 / sq.FPS)
+    decay, no_decay = [], []
+    for n_, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in n_ or "embed" in n_ else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.train()
+    ema = None
+    history = []
+    for step in range(steps):
+        if len(order) < batch:
+            perm = list(range(len(clips)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:batch], order[batch:]
+        samples = [[sample_question(rng, clips[k], caption_prob) for _ in range(questions)] for k in idx]
+        pixels, vgrid = patchify(torch.from_numpy(frames[idx]))
+        with fast_vision_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            visual = model.model.get_video_features(pixels, vgrid).pooler_output
+            prefix, suffix = builder.shared_batch(list(visual), samples)
+            logits = shared_prefix_logits(model, prefix, suffix)
+            targets = suffix[3]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        with fast_vision_attention(model):
+            loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        if step % 25 == 0 or step == steps - 1:
+            log(event="step", step=step, loss=round(float(loss), 4), ema=round(ema, 4), grad_norm=round(float(gn), 3),
+                lr=round(lr_at(step, steps, lr, warmup), 6))
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            res = evaluate(model, processor, "val", eval_clips, seed=0, formats=("short",), loglik=False)
+            history.append({"step": step + 1, **res})
+            log(event="eval", step=step + 1, split="val", **res)
+            model.train()
+        if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
+            log(event="stop", reason="max_minutes", step=step)
+            break
+    train_s = time.perf_counter() - t0
+    model.eval()
+    del frames
+    val = evaluate(model, processor, "val", eval_clips, seed=0)
+    test = evaluate(model, processor, "test", eval_clips, seed=0)
+    log(event="final", split="val", **val)
+    log(event="final", split="test", **test)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = {"seed": seed, "steps": steps, "batch": batch, "questions": questions, "lr": lr, "bf16": bf16,
+               "train_clips": train_clips,
+               "caption_prob": caption_prob, "sizes": asdict(sizes), "train_seconds": round(train_s, 1),
+               "threads": threads, "torch": torch.__version__, "val": val, "test": test, "history": history,
+               "command": "python -m jobs.train_tiny " + " ".join(sys.argv[1:])}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    logf.close()
+    return summary
+
+
+def export_fp16(src: Path, dst: Path) -> Path:
+    """Copy a trained model directory with the weights stored as float16 (the shipped asset)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float16)
+    processor = AutoProcessor.from_pretrained(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    processor.save_pretrained(dst)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16, help="videos per step")
+    ap.add_argument("--questions", type=int, default=4, help="questions per video per step (shared video prefix)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
+    ap.add_argument("--train-clips", type=int, default=6000)
+    ap.add_argument("--caption-prob", type=float, default=0.1)
+    ap.add_argument("--eval-clips", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (breaks reproducibility of length)")
+    ap.add_argument("--export-fp16", type=Path, default=None, help="also write a float16 copy here")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    summary = train(a.out, seed=a.seed, steps=a.steps, batch=a.batch, questions=a.questions, lr=a.lr,
+                    warmup=a.warmup, bf16=not a.fp32,
+                    train_clips=a.train_clips, caption_prob=a.caption_prob, eval_clips=a.eval_clips,
+                    eval_every=a.eval_every, threads=a.threads, max_minutes=a.max_minutes)
+    if a.export_fp16:
+        export_fp16(a.out, a.export_fp16)
+    print(json.dumps({k: summary[k] for k in ("train_seconds", "val", "test")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Synthetic temporal video-QA benchmark: generator, tokenizer coverage, `bench quality` smoke, eval harness,
+MCQ converters, and the shipped trained tiny model."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import synthetic_qa as sq
+
+SHIPPED = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
+
+
+def _digest(frames: np.ndarray) -> str:
+    return hashlib.sha256(frames.tobytes()).hexdigest()
+
+
+def test_generator_is_deterministic():
+    a, b = sq.make_clip("test", 5, seed=0), sq.make_clip("test", 5, seed=0)
+    assert a.frames.shape == (sq.FRAMES, sq.SIZE, sq.SIZE, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames)
+    assert a.caption == b.caption
+    assert [(q.question, q.answer, q.options) for q in a.questions] == [(q.question, q.answer, q.options)
+                                                                       for q in b.questions]
+    assert [(q.prompt("mc"), q.answer) for q in sq.eval_questions(a)] == [(q.prompt("mc"), q.answer)
+                                                                          for q in sq.eval_questions(b)]
+    assert not np.array_equal(a.frames, sq.make_clip("test", 6, seed=0).frames)
+    assert not np.array_equal(a.frames, sq.make_clip("test", 5, seed=1).frames)
+
+
+def test_splits_are_disjoint():
+    digests = {split: {_digest(sq.make_clip(split, i).frames) for i in range(40)} for split in sq.SPLITS}
+    assert all(len(d) == 40 for d in digests.values())
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_questions_are_well_formed():
+    for i in range(60):
+        clip = sq.make_clip("val", i)
+        assert 1 <= len(clip.objects) <= 4
+        for q in clip.questions:
+            assert q.answer in q.options, (q.question, q.answer, q.options)
+            assert len(set(q.options)) == len(q.options)
+        # the answers the generator states are the ones the scene shows
+        count = next(q for q in clip.questions if q.qtype == "count")
+        assert count.answer == sq.NUMBERS[len(clip.objects)]
+        for q in clip.questions:
+            if q.qtype == "appeared_last":
+                last = max(clip.objects, key=lambda o: o.appear)
+                assert q.answer == last.name
+        assert 1 <= len(sq.eval_questions(clip)) <= 3
+
+
+def test_every_text_tokenizes_without_unk():
+    from actors.tiny_model import QWEN_SPECIAL, build_tokenizer
+
+    tok = build_tokenizer(QWEN_SPECIAL)
+    unk = tok.unk_token_id
+    texts = {sq.CAPTION_PROMPT}
+    for split in sq.SPLITS:
+        for i in range(40):
+            clip = sq.make_clip(split, i)
+            texts.add(clip.caption)
+            for q in clip.questions:
+                texts |= {q.prompt("short"), q.prompt("mc"), q.answer, *q.options}
+    # every word any question/answer/option/caption can contain, not only the sampled ones
+    texts.add(" ".join(sorted(sq.answer_words())))
+    bad = [t for t in texts if unk in tok(t, add_special_tokens=False)["input_ids"]]
+    assert not bad, bad[:5]
+
+
+def test_write_split_manifest(tmp_path):
+    manifest = sq.write_split(tmp_path, "test", 2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert rows and all(set(r) >= {"uri", "question", "options", "answer", "qtype"} for r in rows)
+    assert all((tmp_path / r["uri"]).is_file() for r in rows)
+    from jobs.eval_manifest import load_items
+
+    items = load_items(str(manifest))
+    clip = sq.make_clip("test", 0)
+    assert items[0].prompt == sq.eval_questions(clip)[0].prompt("mc")
+    assert Path(items[0].uri).is_absolute()
+
+
+def test_eval_manifest_scoring_and_converters(tmp_path):
+    from jobs.convert_mcq import convert_mvbench, convert_videomme, write_manifest
+    from jobs.eval_manifest import EvalItem, is_correct, load_items, resolve_answer
+
+    task = tmp_path / "action_sequence.json"
+    task.write_text(json.dumps([{"video": "v1.mp4", "question": "What did the person do first?",
+                                 "candidates": ["Sat down.", "Opened the door.", "Ate."], "answer": "Opened the door."}]))
+    rows = convert_mvbench([task], tmp_path / "videos")
+    assert rows[0]["uri"].endswith("videos/v1.mp4") and rows[0]["qtype"] == "action_sequence"
+    vmme = tmp_path / "vmme.jsonl"
+    vmme.write_text(json.dumps({"videoID": "abc", "question_id": "001-1", "task_type": "Counting Problem",
+                                "question": "How many?", "options": ["A. 1.", "B. 2.", "C. 3.", "D. 4."],
+                                "answer": "C"}) + "\n")
+    rows += convert_videomme([vmme], tmp_path / "data")
+    assert rows[1]["options"] == ["1.", "2.", "3.", "4."] and rows[1]["answer"] == "3."
+    out = write_manifest(rows, tmp_path / "m.jsonl")
+    items = load_items(str(out), "Question: {question} Options: {letters}")
+    assert items[1].prompt == "Question: How many? Options: (A) 1. (B) 2. (C) 3. (D) 4."
+    assert resolve_answer("B", ["x", "y"]) == "y"
+    it = EvalItem("u", "q", "q", "blue circle", ["red square", "blue circle"])
+    assert is_correct("Blue circle .", it) and is_correct("(B)", it) and is_correct("it is the blue circle", it)
+    assert not is_correct("red square", it) and not is_correct("", it)
+
+
+@pytest.fixture(scope="module")
+def qa_model_dir(tmp_path_factory) -> Path:
+    """The shipped trained model, else a random tiny model (the smoke test only checks the plumbing)."""
+    if (SHIPPED / "config.json").is_file():
+        return SHIPPED
+    from actors.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "qwen2_5_vl")
+
+
+def test_bench_quality_smoke(tmp_path, qa_model_dir):
+    import typer
+    from typer.testing import CliRunner
+
+    from jobs.bench_quality import command
+
+    app = typer.Typer()  # the command `framescribe bench quality` registers, without the rest of the CLI
+    app.command()(command)
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["--model", str(qa_model_dir), "--videos", "2",
+                                   "--methods", "iwp,random", "--retentions", "0.5,0.25", "--fidelity-videos", "1",
+                                   "--big-videos", "0", "--out", str(out), "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    for name in ("accuracy.csv", "accuracy_by_type.csv", "fidelity.csv", "quality.md", "accuracy.png", "fidelity.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "accuracy.csv")))
+    assert {(r["method"], float(r["retention"])) for r in rows} == {("iwp", 0.5), ("iwp", 0.25),
+                                                                    ("random", 0.5), ("random", 0.25)}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and int(r["questions"]) >= 2 for r in rows)
+    assert all(float(r["kept_tokens"]) == pytest.approx(np.ceil(float(r["retention"]) * int(r["full_tokens"])))
+               for r in rows)
+    fid = list(csv.DictReader(open(out / "fidelity.csv")))
+    assert len(fid) == 4 and all(float(r["final_err"]) >= 0 for r in fid)
+    assert "| iwp |" in (out / "quality.md").read_text()
+    assert "| random |" in res.output
+
+
+def test_fidelity_is_zero_when_nothing_is_pruned(qa_model_dir):
+    from jobs.bench_quality import fidelity_rows, load_qa
+    from iwp import IWPSettings
+
+    qa = load_qa(str(qa_model_dir))
+    clip = sq.make_clip("test", 0)
+    enc = qa.encode([clip.frames], [clip.timestamps])
+    rows = fidelity_rows(qa, enc, ["Describe this video."], [("iwp", 1.0), ("random", 1.0)], IWPSettings(), 0,
+                         "m", log=lambda m: None)
+    assert all(r["final_err"] < 1e-5 and r["attn_err_mean"] < 1e-5 for r in rows)
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped trained model")
+def test_shipped_model_answers_test_questions():
+    """The shipped model, loaded like `framescribe run --model DIR` loads it, answers >= 80% of 20 test
+    questions unpruned through the real adapter path (encode → splice → greedy_generate)."""
+    from actors.splice import PruneSpec
+    from jobs.qa_scoring import QAItem, QAModel, answer_items
+
+    qa = QAModel.load(str(SHIPPED))
+    clips = [sq.make_clip("test", i) for i in range(7)]
+    enc = qa.encode([c.frames for c in clips], [c.timestamps for c in clips])
+    items = [QAItem(j, q.prompt("mc"), q.answer, q.options, q.qtype) for j, c in enumerate(clips)
+             for q in sq.eval_questions(c)][:20]
+    res = answer_items(qa, enc, items, PruneSpec(), loglik=False)
+    acc = float(np.mean([r["correct"] for r in res]))
+    assert len(res) == 20 and acc >= 0.8, [(r["prompt"], r["answer"], r["text"]) for r in res if not r["correct"]]
