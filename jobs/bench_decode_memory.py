@@ -201,5 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not any(r["error"] for r in rows) else 1
 
 
+def command(out: Path, long_seconds: float = 600.0, short_seconds: float = 10.0, width: int = 1280,
+            height: int = 720, fps: int = 5, frames: str = "8,32", modes: str = "path,stream",
+            quick: bool = False) -> None:
+    """Peak RSS of decode_video on a long and a short video (fresh process per decode); CSV + PNG in OUT."""
+    import typer
+
+    argv = ["--out", str(out), "--long-seconds", str(long_seconds), "--short-seconds", str(short_seconds),
+            "--width", str(width), "--height", str(height), "--fps", str(fps), "--frames", frames, "--modes", modes]
+    raise typer.Exit(main(argv + (["--quick"] if quick else [])))
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
