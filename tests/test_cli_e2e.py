@@ -65,7 +65,7 @@ def test_yaml_config_qa_with_questions_and_duckdb(tmp_path, tiny_llava, corpus):
     questions.write_text("how many objects are there?\nwhich colour is the shape?\n")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"input: {manifest}\noutput: {tmp_path / 'out'}\nmodel: {tiny_llava}\ntask: qa\n"
-                   f"questions: {questions}\nnum-frames: 4\nmax_new_tokens: 3\npruner: dycoke\nretention: 0.5\n")
+                   f"questions: {questions}\nnum-frames: 4\nmax_new_tokens: 3\npruner: iwp\nretention: 0.25\n")
     r = run_cli("run", "--config", str(cfg), "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     con = duckdb.connect()
@@ -75,7 +75,7 @@ def test_yaml_config_qa_with_questions_and_duckdb(tmp_path, tiny_llava, corpus):
     assert len(rows) == 7
     assert {r[2] for r in rows if r[0] == str(missing)} == {"error"}
     assert {r[3] for r in rows if r[0] == str(missing)} == {"not_found"}
-    assert all(r[4] == math.ceil(0.5 * r[5]) for r in rows if r[2] == "ok")
+    assert all(r[4] == math.ceil(0.25 * r[5]) for r in rows if r[2] == "ok")
 
 
 def test_bad_config_fails_fast_naming_the_field(tmp_path, tiny_qwen, mixed_dir):
