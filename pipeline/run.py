@@ -215,8 +215,8 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
         build_dataset(cfg, todo, run_id, labeling_hash).write_datasink(
             AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
         dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
-    summary = summarize(cfg, run_id, labeling_hash, len(inputs), len(inputs) - len(todo),
-                        time.perf_counter() - t0)
+    n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
+    summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)
     summary.duplicates_removed = dups
     write_state(cfg, summary)
     if summary.error_ratio > cfg.max_error_ratio:

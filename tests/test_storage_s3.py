@@ -214,8 +214,9 @@ def test_cli_s3_in_and_out_with_s3_model_manifest_resume_and_no_leaks(s3, bucket
     b = bucket_with_videos
     model = s3.upload_dir(tiny_qwen, b, "models/tiny-qwen")
     names = sorted(k.split("videos/", 1)[1] for k in s3.objects(b, "videos/") if not k.endswith(".txt"))
-    s3.client().put_object(Bucket=b, Key="manifest.txt", Body="\n".join(
-        [f"s3://{b}/videos/{n}" for n in names] + [f"s3://{b}/videos/gone.mp4"]).encode())
+    s3.client().put_object(Bucket=b, Key="manifest.txt", Body="\n".join(  # one URI twice: still one row
+        [f"s3://{b}/videos/{n}" for n in names] + [f"s3://{b}/videos/gone.mp4", f"s3://{b}/videos/{names[0]}"]
+    ).encode())
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsr", dir="/tmp"))  # short: Ray's socket paths have a limit
     cache = tmp_path / "cache"
     env = {"RAY_TMPDIR": str(ray_tmp), "FRAMESCRIBE_CACHE": str(cache)}
@@ -241,7 +242,8 @@ def test_cli_s3_in_and_out_with_s3_model_manifest_resume_and_no_leaks(s3, bucket
         assert len(fetched) == 1 and (fetched[0] / "config.json").is_file()
         # no credentials (nor the endpoint) in rows, state json, CLI output or Ray's logs
         state = [json.loads(v) for k, v in objects.items() if "/_framescribe/" in k and k.endswith(".json")]
-        assert len(state) == 1 and state[0]["rows"] == len(rows)
+        assert len(state) == 1 and state[0]["rows"] == len(rows) == state[0]["videos_total"]
+        assert state[0]["videos_skipped"] == 0 and state[0]["duplicates_removed"] == 0
         endpoint = s3.endpoint.split("//", 1)[1]
         for blob in [*objects.values(), r.stdout.encode(), r.stderr.encode()]:
             assert SECRET_KEY.encode() not in blob and ACCESS_KEY.encode() not in blob
