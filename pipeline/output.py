@@ -82,6 +82,7 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
               anon: bool = False) -> pa.Table:
     """Every committed row under `output` (empty table with the schema when there is none)."""
     fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    fs.invalidate_cache(root)  # object stores: parts written by other processes since the last listing
     if not fs.exists(root) or not fs.glob(join(root, "*.parquet")):
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
@@ -155,6 +156,7 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
     dead writers older than `stale_tmp_s` are removed too. Not safe while another run writes to `output`.
     """
     fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    fs.invalidate_cache(root)  # s3fs lists from a cache: the workers' parts must be seen
     report = CompactionReport()
     if not fs.exists(root):
         return report

@@ -110,8 +110,12 @@ def test_parquet_parts_on_s3_read_back_by_pyarrow_and_boto3_and_compacted(s3):
     independent = pa.concat_tables([pq.read_table(io.BytesIO(v)) for v in objects.values()])
     assert independent.num_rows == 4 == read_rows(out).num_rows
 
+    # another process (a Ray worker) commits a part after this one listed the prefix: it is seen
+    s3.client().put_object(Bucket=b, Key="labels/run1/part-external.parquet",
+                           Body=next(v for k, v in objects.items() if k.endswith(".parquet")))
+    assert read_rows(out).num_rows == 4 + pq.read_table(io.BytesIO(next(iter(objects.values())))).num_rows
     rep = compact_duplicates(out)
-    assert rep.duplicates_removed == 1
+    assert rep.duplicates_removed == 1 + pq.read_table(io.BytesIO(next(iter(objects.values())))).num_rows
     objects = s3.objects(b, "labels/run1/")
     assert not [k for k in objects if "_tmp-" in k]
     back = pa.concat_tables([pq.read_table(io.BytesIO(v)) for v in objects.values()]).to_pylist()
