@@ -55,12 +55,29 @@ def test_discover_lists_prefix_and_reads_manifest_from_s3(s3, bucket_with_videos
     assert got[1].prompts[0][1] == "What is shown?"
 
 
-def test_decode_from_bucket_matches_local_decode(s3, bucket_with_videos, corpus, monkeypatch):
+def _restart_decode_children() -> None:
+    """Decode child processes come from multiprocessing's forkserver, which keeps the environment it was
+    started with; an earlier test may have started it before this test set the AWS variables. (A Ray
+    worker's environment is fixed when it starts, so the pipeline itself does not meet this.)"""
+    import multiprocessing.forkserver as mpf
+
+    from pipeline.decode import shutdown_decode_pool
+
+    shutdown_decode_pool()
+    stop = getattr(getattr(mpf, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
+
+
+def test_decode_from_bucket_matches_local_decode(s3, bucket_with_videos, corpus, monkeypatch, request):
     """s3fs objects reach decord as a file-like object (one read of the whole object), or above
     IN_MEMORY_MAX_BYTES through a temporary file; both give the frames a local decode gives."""
     import pipeline.decode as decode
     from pipeline.decode import DecodeError, SamplingSpec, decode_video
     from pipeline.storage import get_fs
+
+    _restart_decode_children()
+    request.addfinalizer(_restart_decode_children)  # later tests get children without this test's AWS env
 
     case = corpus[0]["vp9"]
     uri = f"s3://{bucket_with_videos}/videos/{case.path.name}"
