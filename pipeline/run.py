@@ -122,7 +122,10 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
                                            s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
-                num_cpus=1, concurrency=cfg.decode_concurrency)
+                num_cpus=1, concurrency=cfg.decode_concurrency,
+                # retries cover a decode worker that died; they also keep Ray from fusing decode into the
+                # model actor (fusion needs equal remote args), so decoding runs ahead in its own CPU tasks
+                max_retries=3)
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if _gpu_count() > 0 else 0.0)
     prune = PruneSpec(method=cfg.pruner, retention=cfg.retention, layer=cfg.iwp_layer, seed=cfg.seed,
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
