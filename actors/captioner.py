@@ -37,6 +37,24 @@ def _maybe_crash_for_test(calls: int) -> None:
     os._exit(1)
 
 
+# Benchmark hook: when set to a file path, every model call appends one JSON line (pid, start and end in
+# epoch seconds, rows in and out), so `framescribe bench pipeline` sees when the actor worked and when it waited.
+BATCH_LOG_ENV = "FRAMESCRIBE_BATCH_LOG"
+
+
+def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
+    path = os.environ.get(BATCH_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"pid": os.getpid(), "start": started, "end": time.time(), "rows_in": rows_in,
+                       "rows_out": rows_out}) + "\n"
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError:
+        pass  # a benchmark aid must never fail a batch
+
+
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
               "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
@@ -71,6 +89,7 @@ class VideoCaptioner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._calls += 1
         _maybe_crash_for_test(self._calls)
+        started = time.time()
         rows = batch.to_pylist()  # Arrow → Python keeps nulls as None (numpy batches would make them NaN)
         out: list[dict] = []
         good = [r for r in rows if r["status"] == "ok"]
@@ -87,7 +106,9 @@ class VideoCaptioner:
                     except Exception as e:
                         out += self._error_rows(r, "model_error", f"{type(e).__name__}: {e}",
                                                 detail=traceback.format_exc(limit=3))
-        return pa.Table.from_pylist([{k: row.get(k) for k in (*ROW_FIELDS, *self.row_defaults)} for row in out])
+        table = pa.Table.from_pylist([{k: row.get(k) for k in (*ROW_FIELDS, *self.row_defaults)} for row in out])
+        _log_batch(started, len(rows), table.num_rows)
+        return table
 
     # ---- the work ----
     def label_videos(self, rows: list[dict]) -> list[dict]:

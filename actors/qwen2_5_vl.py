@@ -26,8 +26,12 @@ class Qwen25VLAdapter:
         return self.model.model.language_model
 
     def preprocess(self, frames: list[np.ndarray]) -> dict:
-        """Pixel patches for a batch of videos (CPU work, done once per video)."""
-        return self.processor.video_processor(videos=list(frames), return_tensors="pt", do_sample_frames=False)
+        """Pixel patches for a batch of videos, done once per video. On a GPU the uint8 frames are moved first
+        and resized/normalised/patchified there: 4x fewer bytes to copy than float patches, and the actor's
+        CPU work (~100 ms per 16-frame 448x448 video on one core) leaves the critical path."""
+        kwargs = {"device": self.model.device} if self.model.device.type == "cuda" else {}
+        return self.processor.video_processor(videos=list(frames), return_tensors="pt", do_sample_frames=False,
+                                              **kwargs)
 
     @torch.inference_mode()
     def encode(self, frames: list[np.ndarray], timestamps: list[list[float]]) -> list[EncodedVideo]:
