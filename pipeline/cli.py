@@ -163,6 +163,20 @@ from pipeline.submit import register as _register_submit  # noqa: E402  (`submit
 
 _register_submit(app, _config_params)
 
+# `framescribe bench ...`: each benchmark lives in jobs/bench_<name>.py and exposes `command` (typer
+# options, heavy imports inside the function so the CLI starts fast). Add one with one line here.
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput.")
+app.add_typer(bench_app, name="bench")
+
+from jobs import bench_speed as _bench_speed  # noqa: E402
+
+bench_app.command("speed")(_bench_speed.command)
+
+from jobs import bench_pipeline as _bench_pipeline  # noqa: E402
+
+bench_app.command("pipeline")(_bench_pipeline.command)
+
 
 def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
