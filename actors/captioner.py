@@ -62,7 +62,8 @@ ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error
 
 
 def frames_from_row(row: dict) -> np.ndarray:
-    return np.frombuffer(row["frames"], dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
+    # bytearray: a writable buffer, so torch.from_numpy in the processor gets writable memory
+    return np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
 
 
 class VideoCaptioner:
