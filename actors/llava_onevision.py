@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from actors.generation import SplicedSequence
-from actors.splice import EncodedVideo, PrunedVideo
+from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds
 from iwp import TokenLayout
 
 
@@ -16,7 +16,7 @@ from iwp import TokenLayout
 MAX_FRAMES_PER_VISION_CALL = 64
 
 
-class LlavaOneVisionAdapter:
+class LlavaOneVisionAdapter(VideoPromptIds):
     arch = "llava_onevision"
 
     def __init__(self, model, processor, *, original_positions: bool = True):
@@ -29,7 +29,6 @@ class LlavaOneVisionAdapter:
         vc = model.config.vision_config
         side = math.ceil((vc.image_size // vc.patch_size) / 2)  # get_video_features pools 2x2 bilinear
         self.grid_hw = (side, side)
-        self._prompt_ids: dict[str, list[int]] = {}
 
     @property
     def language_model(self):
@@ -64,18 +63,7 @@ class LlavaOneVisionAdapter:
                 videos[i] = EncodedVideo(embeds=feats[j, :-1], layout=layout, trailing=feats[j, -1:])
         return videos
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        if prompt not in self._prompt_ids:
-            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._prompt_ids[prompt]
 
-    def full_input_ids(self, video: EncodedVideo, prompt: str) -> torch.Tensor:
-        ids = self.prompt_ids(prompt)
-        i = ids.index(self.video_token_id)
-        n = video.embeds.shape[0] + video.trailing.shape[0]
-        return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
 
     @torch.inference_mode()
     def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:

@@ -5,11 +5,11 @@ import numpy as np
 import torch
 
 from actors.generation import SplicedSequence
-from actors.splice import EncodedVideo, PrunedVideo
+from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds
 from iwp import TokenLayout
 
 
-class Qwen25VLAdapter:
+class Qwen25VLAdapter(VideoPromptIds):
     arch = "qwen2_5_vl"
 
     def __init__(self, model, processor):
@@ -19,7 +19,6 @@ class Qwen25VLAdapter:
         self.video_token_id = model.config.video_token_id
         self.merge = model.config.vision_config.spatial_merge_size
         self.temporal_patch = model.config.vision_config.temporal_patch_size
-        self._prompt_ids: dict[str, list[int]] = {}
 
     @property
     def language_model(self):
@@ -56,19 +55,7 @@ class Qwen25VLAdapter:
         step = (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1)
         return float(self.temporal_patch * step)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Chat-templated prompt with ONE video placeholder token (expanded per video later)."""
-        if prompt not in self._prompt_ids:
-            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._prompt_ids[prompt]
 
-    def full_input_ids(self, video: EncodedVideo, prompt: str) -> torch.Tensor:
-        ids = self.prompt_ids(prompt)
-        i = ids.index(self.video_token_id)
-        n = video.embeds.shape[0]
-        return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
 
     @torch.inference_mode()
     def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:

@@ -47,6 +47,26 @@ class PruneSpec:
         return self.method == "fastv"
 
 
+class VideoPromptIds:
+    """Token ids of a chat prompt around one video; adapters set `tokenizer`, `processor`, `video_token_id`."""
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Chat-templated prompt with ONE video placeholder token (expanded per video later), cached."""
+        cache = self.__dict__.setdefault("_prompt_ids", {})
+        if prompt not in cache:
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            cache[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return cache[prompt]
+
+    def full_input_ids(self, video: EncodedVideo, prompt: str) -> torch.Tensor:
+        """The full, unpruned sequence: the placeholder repeated once per visual token (trailing ones too)."""
+        ids = self.prompt_ids(prompt)
+        i = ids.index(self.video_token_id)
+        n = video.embeds.shape[0] + (0 if video.trailing is None else video.trailing.shape[0])
+        return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
+
+
 def layer_kv(language_model, embeds: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-RoPE keys and values of decoder layer `layer` for visual embeddings: (N, H_kv, d) each.
 
