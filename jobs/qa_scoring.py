@@ -100,26 +100,35 @@ class QAModel:
     @torch.inference_mode()
     def option_scores(self, seq: SplicedSequence, options: list[str]) -> list[float]:
         """Sum of log-probabilities of each option's tokens + end of turn, continuing after the prompt."""
+        return self.option_scores_batch([(seq, options)])[0]
+
+    @torch.inference_mode()
+    def option_scores_batch(self, pairs: list[tuple[SplicedSequence, list[str]]], batch_size: int = 32
+                            ) -> list[list[float]]:
+        """`option_scores` for many (prompt sequence, options) pairs, prefilled `batch_size` sequences at a time."""
         emb = self.model.get_input_embeddings()
-        seqs, targets = [], []
-        next_pos = int(seq.positions.max()) + 1
-        for o in options:
-            ids = self.tokenizer(o, add_special_tokens=False)["input_ids"] + [self.eos_id]
-            ids_t = torch.tensor(ids, device=seq.embeds.device)
-            pos = torch.arange(next_pos, next_pos + len(ids), device=seq.positions.device)
-            pos = pos.view(1, -1).expand(seq.positions.shape[0], -1)
-            seqs.append(SplicedSequence(embeds=torch.cat([seq.embeds, emb(ids_t[:-1]).to(seq.embeds.dtype)]),
-                                        positions=torch.cat([seq.positions, pos[:, :-1]], dim=1)))
-            targets.append(ids)
-        logits = prefill_logits(self.model, seqs).float().log_softmax(-1)
-        scores = []
-        length = logits.shape[1]
-        for b, ids in enumerate(targets):
-            k = len(ids)
-            # rows are right-aligned; position i predicts token i+1, so the last prompt token
-            # (at length - k) predicts ids[0] and the last row predicts the end of turn
-            lp = logits[b, length - k:]
-            scores.append(float(lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).sum()))
+        seqs, targets, owner = [], [], []
+        for p, (seq, options) in enumerate(pairs):
+            next_pos = int(seq.positions.max()) + 1
+            for o in options:
+                ids = self.tokenizer(o, add_special_tokens=False)["input_ids"] + [self.eos_id]
+                ids_t = torch.tensor(ids, device=seq.embeds.device)
+                pos = torch.arange(next_pos, next_pos + len(ids), device=seq.positions.device)
+                pos = pos.view(1, -1).expand(seq.positions.shape[0], -1)
+                seqs.append(SplicedSequence(embeds=torch.cat([seq.embeds, emb(ids_t[:-1]).to(seq.embeds.dtype)]),
+                                            positions=torch.cat([seq.positions, pos[:, :-1]], dim=1)))
+                targets.append(ids)
+                owner.append(p)
+        scores: list[list[float]] = [[] for _ in pairs]
+        for s in range(0, len(seqs), batch_size):
+            logits = prefill_logits(self.model, seqs[s:s + batch_size]).float().log_softmax(-1)
+            length = logits.shape[1]
+            for b, ids in enumerate(targets[s:s + batch_size]):
+                k = len(ids)
+                # rows are right-aligned; position i predicts token i+1, so the last prompt token
+                # (at length - k) predicts ids[0] and the last row predicts the end of turn
+                lp = logits[b, length - k:]
+                scores[owner[s + b]].append(float(lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).sum()))
         return scores
 
 
@@ -149,13 +158,13 @@ def answer_items(qa: QAModel, encoded: list[EncodedVideo], items: list[QAItem], 
         seqs.append(qa.splice(enc, p, it.prompt))
     texts = qa.generate(seqs, batch_size=batch_size)
     out = []
-    for it, seq, p, text in zip(items, seqs, pruned_of, texts):
+    all_scores = qa.option_scores_batch([(seq, it.options) for it, seq in zip(items, seqs)]) if loglik else None
+    for i, (it, p, text) in enumerate(zip(items, pruned_of, texts)):
         row = {"qtype": it.qtype, "prompt": it.prompt, "answer": it.answer, "text": text,
                "correct": normalize_answer(text) == normalize_answer(it.answer),
                "kept": int(p.keep.numel()), "full": p.n_full, "residual": p.residual}
         if loglik:
-            sc = qa.option_scores(seq, it.options)
-            pick = it.options[int(np.argmax(sc))]
+            pick = it.options[int(np.argmax(all_scores[i]))]
             row["loglik_pick"] = pick
             row["loglik_correct"] = pick == it.answer
         out.append(row)
