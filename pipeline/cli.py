@@ -121,7 +121,8 @@ def tiny_model(out_dir: Path = typer.Argument(..., help="directory to write the 
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="where videos, model and output go"),
-         model: Optional[str] = typer.Option(None, help="model to use (default: a tiny offline model)"),
+         model: Optional[str] = typer.Option(None, help="model to use (default: the shipped tiny model trained on "
+                                             "synthetic clips, else a random tiny offline model)"),
          pruner: str = typer.Option("iwp"), retention: float = typer.Option(0.25)):
     """Make a few short videos (and one broken file), make or reuse a tiny model, label them on local Ray."""
     from actors.tiny_model import make_tiny_model
@@ -130,13 +131,23 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
     videos = workdir / "videos"
     make_demo_videos(videos, n=4)
     (videos / "broken.mp4").write_bytes(b"this is not a video")
+    sampling = dict(max_new_tokens=12)
     if model is None:
-        model_dir = workdir / "tiny-qwen2_5_vl"
-        if not (model_dir / "config.json").is_file():
-            make_tiny_model(model_dir, "qwen2_5_vl")
-        model = str(model_dir)
+        from actors.assets import shipped_synthqa_model
+
+        shipped = shipped_synthqa_model()
+        if shipped is not None:
+            # the shipped tiny model was trained on synthetic clips (16 frames of 112x112 at 8 fps, moving
+            # shapes): sample the demo clips the same way, so its captions describe them
+            model = str(shipped)
+            sampling = dict(num_frames=16, max_pixels=112 * 112, max_new_tokens=32)
+        else:
+            model_dir = workdir / "tiny-qwen2_5_vl"
+            if not (model_dir / "config.json").is_file():
+                make_tiny_model(model_dir, "qwen2_5_vl")
+            model = str(model_dir)
     cfg = RunConfig(input=str(videos), output=str(workdir / "labels"), model=model, pruner=pruner,
-                    retention=retention, max_new_tokens=12, batch_size=4, overwrite=True)
+                    retention=retention, batch_size=4, overwrite=True, **sampling)
     code = execute(cfg)
     if code == 0:
         _print_rows(cfg.output)
@@ -176,6 +187,10 @@ bench_app.command("speed")(_bench_speed.command)
 from jobs import bench_pipeline as _bench_pipeline  # noqa: E402
 
 bench_app.command("pipeline")(_bench_pipeline.command)
+
+from jobs import bench_quality as _bench_quality  # noqa: E402
+
+bench_app.command("quality")(_bench_quality.command)
 
 
 def main() -> None:
