@@ -30,7 +30,8 @@ from typing import Optional
 import typer
 
 CSV_COLUMNS = (
-    "mode", "batch_size", "decode_concurrency", "videos", "video_frames", "video_size", "frames", "model",
+    "mode", "batch_size", "decode_concurrency", "videos", "video_frames", "video_size", "frames", "max_pixels",
+    "model",
     "arch", "size", "layers", "device", "pruner", "retention", "max_new_tokens", "wall_s", "videos_per_s",
     "model_s", "busy_fraction", "busy_excl_load", "startup_s", "steady_s", "steady_videos_per_s", "actor_busy",
     "steady_busy", "calls", "model_load_s", "vision_s", "prune_s", "prefill_s",
@@ -44,6 +45,7 @@ class PipelineBenchConfig:
     video_frames: int = 32         # frames in each file
     video_size: int = 128          # square side of each file
     frames: int = 8                # frames sampled per video (--num-frames of a run)
+    max_pixels: int = 224 * 224    # pixel budget per frame (--max-pixels of a run); 448*448 for 3b/7b shapes
     arch: str = "qwen2_5_vl"
     size: str = "tiny"
     layers: Optional[int] = None
@@ -91,7 +93,8 @@ def model_dir(cfg: PipelineBenchConfig) -> Path:
     """A saved model for the actors to load: `--model`, the tiny test model, or a built shape (cached)."""
     if cfg.model:
         return Path(cfg.model)
-    name = f"{cfg.arch}-{cfg.size}-L{cfg.layers or 'full'}-V{cfg.vision_layers or 'full'}"
+    resolution = int(cfg.max_pixels ** 0.5) // 28 * 28
+    name = f"{cfg.arch}-{cfg.size}-L{cfg.layers or 'full'}-V{cfg.vision_layers or 'full'}-R{resolution}"
     path = cfg.workdir / "models" / name
     if (path / "config.json").is_file():
         return path
@@ -103,8 +106,11 @@ def model_dir(cfg: PipelineBenchConfig) -> Path:
 
     from jobs.model_shapes import build_model
 
-    built = build_model(cfg.arch, cfg.size, device=torch.device("cpu"), dtype=torch.float32, layers=cfg.layers,
-                        vision_layers=cfg.vision_layers)
+    # random weights: built where they will run (bf16 on a GPU), saved once for the actors to load
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    built = build_model(cfg.arch, cfg.size, device=torch.device("cuda" if gpu else "cpu"),
+                        dtype=torch.bfloat16 if gpu else torch.float32, layers=cfg.layers,
+                        vision_layers=cfg.vision_layers, resolution=resolution)
     tmp = path.with_name(path.name + ".partial")
     built.model.save_pretrained(tmp)
     built.processor.save_pretrained(tmp)
@@ -174,7 +180,8 @@ def _decoded_rows(folder: Path, cfg: PipelineBenchConfig) -> list[dict]:
     from pipeline.discover import discover_inputs
     from pipeline.run import decode_row
 
-    run_cfg = RunConfig(input=str(folder), output=str(cfg.workdir / "unused"), model="unused", num_frames=cfg.frames)
+    run_cfg = RunConfig(input=str(folder), output=str(cfg.workdir / "unused"), model="unused", num_frames=cfg.frames,
+                        max_pixels=cfg.max_pixels)
     spec = SamplingSpec.from_config(run_cfg)
     items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts)} for v in discover_inputs(run_cfg)]
     return [decode_row(it, spec=spec, timeout_s=None, s3_endpoint=None, anon=False) for it in items]
@@ -214,6 +221,12 @@ def bench_model_only(cfg: PipelineBenchConfig, folder: Path, model: Path, *, log
                         "steady_videos_per_s": len(rows) / wall, "actor_busy": in_calls / wall,
                         "steady_busy": secs["model_s"] / wall, "calls": -(-len(rows) // b), **secs})
         log(f"model only, batch {b}: {len(rows) / wall:.2f} videos/s")
+    del cap  # free the GPU for the pipeline's actors
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return results, load_s
 
 
@@ -237,6 +250,7 @@ def bench_full_pipeline(cfg: PipelineBenchConfig, folder: Path, model: Path, loa
         for c in cfg.decode_concurrency:
             out = cfg.workdir / "labels" / f"b{b}_c{c or 'auto'}"
             run_cfg = RunConfig(input=str(folder), output=str(out), model=str(model), num_frames=cfg.frames,
+                                max_pixels=cfg.max_pixels,
                                 pruner=cfg.pruner, retention=cfg.retention, batch_size=b, decode_concurrency=c,
                                 max_new_tokens=cfg.max_new_tokens, device=cfg.device, overwrite=True)
             start = time.time()
@@ -270,7 +284,8 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, log=print) -> tuple[list[dic
 
     device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
     common = {"videos": cfg.videos, "video_frames": cfg.video_frames, "video_size": cfg.video_size,
-              "frames": cfg.frames, "model": str(model), "arch": cfg.arch, "size": cfg.size if not cfg.model else "",
+              "frames": cfg.frames, "max_pixels": cfg.max_pixels, "model": str(model), "arch": cfg.arch,
+              "size": cfg.size if not cfg.model else "",
               "layers": cfg.layers or "", "device": device, "pruner": cfg.pruner, "retention": cfg.retention,
               "max_new_tokens": cfg.max_new_tokens, "model_load_s": round(load_s, 3),
               "load_avg": round(os.getloadavg()[0], 2), "commit": _commit(),
@@ -370,6 +385,8 @@ def command(
     video_frames: int = typer.Option(32, help="frames in each video file"),
     video_size: int = typer.Option(128, help="square frame side of each file (pixels)"),
     frames: int = typer.Option(8, help="frames sampled per video (a run's --num-frames)"),
+    max_pixels: int = typer.Option(224 * 224, help="pixel budget per frame (a run's --max-pixels); "
+                                                   "448*448=200704 for the 3b/7b shapes"),
     arch: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl | llava_onevision"),
     size: str = typer.Option("tiny", help="tiny | small | 3b | 7b (random weights, saved once to --workdir)"),
     layers: Optional[int] = typer.Option(None, help="LLM layers of the built shape"),
@@ -392,6 +409,7 @@ def command(
     err = Console(stderr=True)
     try:
         cfg = PipelineBenchConfig(videos=videos, video_frames=video_frames, video_size=video_size, frames=frames,
+                                  max_pixels=max_pixels,
                                   arch=arch, size=size, layers=layers, vision_layers=vision_layers, model=model,
                                   pruner=pruner, retention=retention, batch_sizes=_ints(batch_sizes),
                                   decode_concurrency=_concurrency(decode_concurrency), max_new_tokens=max_new_tokens,
