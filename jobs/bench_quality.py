@@ -80,8 +80,10 @@ class QualityConfig:
                 raise ValueError(f"retentions: each must be in (0, 1], got {r}")
         if self.fmt not in ("mc", "short"):
             raise ValueError(f"format must be 'mc' or 'short', got {self.fmt!r}")
-        if self.videos < 1 or self.per_clip < 1:
-            raise ValueError("videos and per_clip must be >= 1")
+        if self.videos < 0 or self.per_clip < 1:
+            raise ValueError("videos must be >= 0 (0: only the 7B-shaped fidelity) and per_clip >= 1")
+        if self.videos == 0 and not self.big_videos:
+            raise ValueError("nothing to do: --videos 0 and --big-videos 0")
 
 
 def default_model() -> str:
@@ -398,6 +400,16 @@ _STYLE = {"iwp": dict(color="black", lw=2.6, marker="o"), "iwp_fixed": dict(colo
           "iwp_duplication": dict(color="0.55", lw=1.2, ls="-.", marker="o")}
 
 
+def _retention_axis(ax, rets) -> None:
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.set_xticks(rets)
+    ax.set_xticklabels([f"{r:g}" for r in rets])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -415,10 +427,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> Path:
                     **_STYLE.get(m, dict(lw=1.1, marker=".")))
         if base:
             ax.axhline(100 * base[key], color="tab:green", lw=0.8, ls="--", label="unpruned")
-        ax.set_xscale("log")
-        rets = sorted({r["retention"] for r in rows})
-        ax.set_xticks(rets)
-        ax.set_xticklabels([f"{r:g}" for r in rets])
+        _retention_axis(ax, sorted({r["retention"] for r in rows}))
         ax.set_xlabel("retention (kept visual tokens / all)")
         ax.set_ylabel(f"accuracy % ({label})")
         ax.grid(alpha=0.3)
@@ -443,13 +452,10 @@ def plot_fidelity(rows: list[dict], path: Path) -> Path:
         for m in dict.fromkeys(r["method"] for r in sel):
             pts = sorted((r["retention"], r["attn_err_mean"]) for r in sel if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, ms=3.5, **_STYLE.get(m, dict(lw=1.1, marker=".")))
-        ax.set_xscale("log")
-        rets = sorted({r["retention"] for r in sel})
-        ax.set_xticks(rets)
-        ax.set_xticklabels([f"{r:g}" for r in rets])
+        _retention_axis(ax, sorted({r["retention"] for r in sel}))
         ax.set_xlabel("retention")
-        ax.set_ylabel("attention-output rel. error at text after video (mean over layers)")
-        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("attention-output relative error")
+        ax.set_title(f"{model}: text after the video, mean over layers", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -463,9 +469,10 @@ def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[di
     lines = [f"# Quality benchmark ({meta['model_name']})", "",
              f"Command: `{meta['command']}`", "",
              f"Test split: {cfg.videos} clips x {cfg.per_clip} questions ({cfg.fmt} format), seed {cfg.seed}; "
-             f"IWP settings λ={chosen['lam']:g}, temperature={chosen['temperature']:g}, floor={chosen['floor']:g}.", "",
-             "## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy"), "",
-             "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy"), ""]
+             f"IWP settings λ={chosen['lam']:g}, temperature={chosen['temperature']:g}, floor={chosen['floor']:g}.", ""]
+    if acc:
+        lines += ["## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy"), "",
+                  "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy"), ""]
     for model in dict.fromkeys(r["model"] for r in fid):
         sel = [r for r in fid if r["model"] == model]
         lines += [f"## Fidelity: {model} ({sel[0]['videos']} videos)", "",
@@ -492,44 +499,49 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = cfg.model or default_model()
-    qa = load_qa(model_path, cfg.threads)
     defaults = IWPSettings(seed=cfg.seed)
     base = replace(defaults, **{k: getattr(cfg, k) for k in ("lam", "temperature", "floor") if getattr(cfg, k) is not None})
     sweep, chosen = [], {"lam": base.lam, "temperature": base.temperature, "floor": base.floor}
-    if cfg.sweep_videos:
-        log(f"sweeping IWP settings on {cfg.sweep_videos} validation clips ...")
-        sweep, chosen = sweep_iwp(qa, cfg, base, log=log)
-        write_csv(out / "sweep.csv", sweep)
-        log(f"chosen IWP settings: {chosen} (defaults: lam={defaults.lam}, temperature={defaults.temperature}, "
-            f"floor={defaults.floor})")
-    settings = replace(base, **chosen)
     cases = _cases(cfg.methods, cfg.retentions)
-    log(f"accuracy: {cfg.videos} test clips, {len(cases)} method x retention cases ...")
-    encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt)
-    acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log)
-    model_name = Path(model_path).name
-    for r in acc:
-        r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
-    fid = []
+    acc, by_type, fid = [], [], []
     fid_cases = [(m, r) for m, r in cases if r < 1.0]
-    if cfg.fidelity_videos:
-        from jobs import synthetic_qa as sq
-
-        n = min(cfg.fidelity_videos, len(encoded))
-        prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
-        log(f"fidelity: trained model, {n} test clips ...")
-        fid += fidelity_rows(qa, encoded[:n], prompts, fid_cases, settings, cfg.seed, model_name, log=log)
-    if cfg.big_videos:
+    model_path, model_name = None, "random-7b-shape"
+    if cfg.videos:
+        model_path = cfg.model or default_model()
+        model_name = Path(model_path).name
+        qa = load_qa(model_path, cfg.threads)
+        if cfg.sweep_videos:
+            log(f"sweeping IWP settings on {cfg.sweep_videos} validation clips ...")
+            sweep, chosen = sweep_iwp(qa, cfg, base, log=log)
+            write_csv(out / "sweep.csv", sweep)
+            log(f"chosen IWP settings: {chosen} (defaults: lam={defaults.lam}, temperature={defaults.temperature}, "
+                f"floor={defaults.floor})")
+        settings = replace(base, **chosen)
+        log(f"accuracy: {cfg.videos} test clips, {len(cases)} method x retention cases ...")
+        encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt)
+        acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log)
+        for r in acc:
+            r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
+        if cfg.fidelity_videos:
+            n = min(cfg.fidelity_videos, len(encoded))
+            prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
+            log(f"fidelity: trained model, {n} test clips ...")
+            fid += fidelity_rows(qa, encoded[:n], prompts, fid_cases, settings, cfg.seed, model_name, log=log)
         del qa, encoded
+    else:
+        settings = base
+    if cfg.big_videos:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         fid += big_model_fidelity(cfg, fid_cases, settings, log=log)
-    write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
-    write_csv(out / "accuracy_by_type.csv", by_type)
+    if acc:
+        write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
+        write_csv(out / "accuracy_by_type.csv", by_type)
+        plot_accuracy(acc, out / "accuracy.png",
+                      f"{model_name}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, {cfg.fmt})")
     if fid:
         write_csv(out / "fidelity.csv", fid, FIDELITY_COLUMNS)
         plot_fidelity(fid, out / "fidelity.png")
-    plot_accuracy(acc, out / "accuracy.png",
-                  f"{model_name}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, {cfg.fmt})")
     meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
     md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta)
     (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
@@ -549,7 +561,7 @@ def _names(s: str) -> tuple[str, ...]:
 def command(
     model: Optional[str] = typer.Option(None, help="trained model directory (default: the shipped synthetic-QA model)"),
     seed: int = typer.Option(0, help="seed of the test clips, the random pruner and the 7B-shaped model"),
-    videos: int = typer.Option(200, help="test clips for accuracy"),
+    videos: int = typer.Option(200, help="test clips for accuracy (0: only the 7B-shaped fidelity)"),
     per_clip: int = typer.Option(3, help="questions per clip"),
     fmt: str = typer.Option("mc", "--format", help="question format: mc | short"),
     retentions: str = typer.Option(",".join(f"{r:g}" for r in DEFAULT_RETENTIONS), help="comma-separated"),
@@ -577,18 +589,20 @@ def command(
                             fidelity_videos=fidelity_videos, big_videos=big_videos, big_layers=big_layers,
                             big_resolution=big_resolution, sweep_videos=sweep_videos, lam=lam,
                             temperature=temperature, floor=floor, threads=threads)
-        if cfg.model is None:
+        if cfg.model is None and cfg.videos:
             default_model()
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     res = run_quality(cfg, log=lambda m: err.print(m), command="framescribe bench quality " + " ".join(sys.argv[3:]))
-    print("Accuracy (greedy exact match, %)\n")
-    print(accuracy_table(res["accuracy"], "accuracy"))
-    print("\nAccuracy (option log-likelihood, %)\n")
-    print(accuracy_table(res["accuracy"], "loglik_accuracy"))
+    if res["accuracy"]:
+        print("Accuracy (greedy exact match, %)\n")
+        print(accuracy_table(res["accuracy"], "accuracy"))
+        print("\nAccuracy (option log-likelihood, %)\n")
+        print(accuracy_table(res["accuracy"], "loglik_accuracy"))
     for model_name in dict.fromkeys(r["model"] for r in res["fidelity"]):
         print(f"\nFidelity ({model_name}): attention-output relative error, mean over layers\n")
         print(fidelity_table([r for r in res["fidelity"] if r["model"] == model_name], "attn_err_mean"))
-    err.print(f"wrote {Path(cfg.out).resolve()}: accuracy.csv, accuracy_by_type.csv"
-              f"{', fidelity.csv, fidelity.png' if res['fidelity'] else ''}, accuracy.png, quality.md")
+    err.print(f"wrote {Path(cfg.out).resolve()}: "
+              f"{'accuracy.csv, accuracy_by_type.csv, accuracy.png, ' if res['accuracy'] else ''}"
+              f"{'fidelity.csv, fidelity.png, ' if res['fidelity'] else ''}quality.md")

@@ -325,13 +325,15 @@ def generate_clips(split: str, n: int, seed: int, workers: int = 2):
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(workers) as pool:
-            made = list(pool.imap(_make_clip, jobs, chunksize=32))
+            for i, (clip, lab) in enumerate(pool.imap(_make_clip, jobs, chunksize=16)):  # streamed: bounded memory
+                frames[i], clip.frames = clip.frames, None
+                labels[i] = lab
+                clips.append(clip)
     else:
-        made = map(_make_clip, jobs)
-    for i, (clip, lab) in enumerate(made):
-        frames[i], clip.frames = clip.frames, None
-        labels[i] = lab
-        clips.append(clip)
+        for i, (clip, lab) in enumerate(map(_make_clip, jobs)):
+            frames[i], clip.frames = clip.frames, None
+            labels[i] = lab
+            clips.append(clip)
     return frames, clips, labels
 
 
@@ -472,6 +474,8 @@ def train(out: Path, *, seed: int = 0, steps: int = 1500, batch: int = 16, quest
             res = evaluate(model, processor, "val", eval_clips, seed=0, formats=("short",), loglik=False)
             history.append({"step": step + 1, **res})
             log(event="eval", step=step + 1, split="val", **res)
+            model.save_pretrained(out)  # a usable checkpoint at every evaluation (overwritten)
+            processor.save_pretrained(out)
             model.train()
         if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
             log(event="stop", reason="max_minutes", step=step)

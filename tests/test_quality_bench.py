@@ -112,6 +112,23 @@ def test_eval_manifest_scoring_and_converters(tmp_path):
     assert not is_correct("red square", it) and not is_correct("", it)
 
 
+@pytest.mark.slow
+def test_eval_manifest_runs_the_pipeline(tmp_path, tiny_qwen):
+    """manifest → a real labeling run per case → rows joined back to the questions and scored."""
+    from jobs.eval_manifest import evaluate
+
+    manifest = sq.write_split(tmp_path / "data", "test", 2)
+    n_questions = len(manifest.read_text().splitlines())
+    res = evaluate(str(manifest), model=str(tiny_qwen), out=str(tmp_path / "out"), methods=["none", "iwp"],
+                   retentions=[1.0, 0.25], batch_size=4, log=lambda m: None)
+    assert [(r["method"], r["retention"]) for r in res] == [("none", 1.0), ("iwp", 1.0), ("iwp", 0.25)]
+    assert all(r["questions"] == n_questions and r["missing"] == 0 and r["errors"] == 0 for r in res)
+    assert res[2]["kept_tokens"] == 32 and res[0]["kept_tokens"] == 128  # 16 frames of 112x112 → 128 tokens
+    details = [json.loads(line) for line in (tmp_path / "out" / "eval_results.jsonl").read_text().splitlines()]
+    assert len(details) == 3 * n_questions and all(d["status"] == "ok" for d in details)
+    assert (tmp_path / "out" / "eval_accuracy.csv").is_file() and (tmp_path / "out" / "eval.md").is_file()
+
+
 @pytest.fixture(scope="module")
 def qa_model_dir(tmp_path_factory) -> Path:
     """The shipped trained model, else a random tiny model (the smoke test only checks the plumbing)."""
