@@ -166,7 +166,8 @@ def peak_mb(device) -> tuple[float, str]:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        # "-dirty": the working tree had uncommitted changes (other engineers' or the benchmark's own)
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except Exception:
         return ""
