@@ -25,7 +25,7 @@ import pytest
 
 # Dummy credentials. moto accepts any key until authentication is switched on (`set_auth(True)`);
 # the values are distinctive so tests can grep outputs and logs for leaks.
-ACCESS_KEY = "AKIAFRAMESCRIBETEST7"
+ACCESS_KEY = "AKIAFRAMESCRIBETEST7"  # dummy key, only moto ever sees it
 SECRET_KEY = "fs-secret-9f3c2b7e1d0a4c5b8e6f"
 REGION = "us-east-1"
 
