@@ -323,21 +323,26 @@ def plot_pipeline(rows: list[dict], path: Path) -> None:
     labels = [_label(r) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["tab:green" if r["mode"] == "model_only" else "tab:blue" for r in rows]
-    ax1.bar(labels, [r["videos_per_s"] for r in rows], color=colors, label="whole run")
-    ax1.scatter(labels, [float(r["steady_videos_per_s"]) if r["steady_videos_per_s"] != "" else float("nan")
-                         for r in rows], color="black", marker="D", zorder=3, label="steady state")
-    ax1.legend(fontsize=7)
+    from matplotlib.patches import Patch
+
+    bars = [Patch(facecolor="tab:green", label="model only (whole run)"),
+            Patch(facecolor="tab:blue", label="pipeline (whole run)")]
+    ax1.bar(labels, [r["videos_per_s"] for r in rows], color=colors)
+    steady = ax1.scatter(labels, [float(r["steady_videos_per_s"]) if r["steady_videos_per_s"] != "" else float("nan")
+                                  for r in rows], color="black", marker="D", zorder=3, label="steady state")
+    ax1.legend(handles=[*bars, steady], fontsize=7)
     ax1.set_ylabel("videos / s")
     ax1.set_title("throughput")
     ax1.tick_params(axis="x", labelsize=7)
-    ax2.bar(labels, [100 * r["busy_fraction"] for r in rows], color=colors, label="model busy (whole run)")
+    ax2.bar(labels, [100 * r["busy_fraction"] for r in rows], color=colors)
     ax2.scatter(labels, [100 * float(r["steady_busy"]) if r["steady_busy"] != "" else float("nan") for r in rows],
                 color="black", marker="D", zorder=3, label="model busy, steady state")
     ax2.axhline(90, color="red", lw=0.8, ls="--", label="target 90%")
     ax2.set_ylabel("% of wall time")
     ax2.set_title("model busy fraction")
     ax2.tick_params(axis="x", labelsize=7)
-    ax2.legend(fontsize=7)
+    handles, _ = ax2.get_legend_handles_labels()
+    ax2.legend(handles=[*bars, *handles], fontsize=7, loc="lower left")
     r0 = rows[0]
     fig.suptitle(f"{r0['videos']} videos, {r0['frames']} frames sampled, {r0['arch']} {r0['size']} "
                  f"{r0['pruner']}@{r0['retention']}, {r0['device']}", fontsize=10)
