@@ -394,9 +394,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
-def train(out: Path, *, seed: int = 0, steps: int = 1500, batch: int = 16, questions: int = 4, lr: float = 2e-3,
+def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, questions: int = 4, lr: float = 2e-3,
           warmup: int = 100, bf16: bool = False, aux_weight: float = 1.0, aux_steps: int = 0,
-          train_clips: int = 6000, caption_prob: float = 0.1, eval_clips: int = 200, eval_every: int = 500,
+          train_clips: int = 6000, caption_prob: float = 0.1, eval_clips: int = 150, eval_every: int = 400,
           sizes: Sizes = Sizes(), threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
           ) -> dict:
     torch.set_num_threads(threads)
@@ -491,6 +491,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 1500, batch: int = 16, quest
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"seed": seed, "steps": steps, "batch": batch, "questions": questions, "lr": lr, "bf16": bf16,
+               "eval_clips": eval_clips,
                "aux_weight": aux_weight, "aux_steps": aux_steps,
                "train_clips": train_clips,
                "caption_prob": caption_prob, "sizes": asdict(sizes), "train_seconds": round(train_s, 1),
@@ -556,15 +557,25 @@ def write_readme(dst: Path, summary: dict) -> Path:
         "* Reproducible: model init, clips, question sampling and batch order all follow from the seed; the same "
         "command with the same torch build and thread count repeats the run (float32, no nondeterministic ops).",
         "",
-        "## Accuracy (unpruned, greedy decoding through the pipeline's splice path)",
+        "## Accuracy (unpruned, through the pipeline's encode → splice → prefill/decode path)",
         "",
-        f"* test ({test['questions']} questions, {test['questions'] // 3} clips): {_fmt_acc(test)}",
-        f"* val: {_fmt_acc(val)}",
+        f"* test ({test['questions']} questions on {s.get('eval_clips', '?')} clips): {_fmt_acc(test)}",
+        f"* val ({val['questions']} questions): {_fmt_acc(val)}",
         "* per question type (test, multiple choice, greedy): "
         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in by_type.items()),
         "",
         "`mc` = the question followed by `options : a , b , c .`; `short` = the bare question; `greedy` = exact "
         "match of the generated answer; `loglik` = the option with the highest log-likelihood.",
+        "",
+        "## What it can and cannot do",
+        "",
+        "This is far below the 90% the quality benchmark was meant to have: learning these questions from "
+        "scratch needs much more than the ~35 CPU-minutes spent here (see docs/benchmarks.md, Quality). What "
+        "the model learned: whether the camera pans, how many objects there are, and, partly, which colour "
+        "appears / vanishes over time (the option log-likelihood picks the right option far more often than "
+        "greedy decoding spells the full answer, because the shape word it generates is often wrong). What "
+        "it did not learn: shapes, directions of motion, touching the edge (chance level). Captions name the "
+        "right colours and number of objects; shapes and directions in them are mostly a default guess.",
         "",
     ]
     path = Path(dst) / "README.md"
@@ -589,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=16, help="videos per step")
     ap.add_argument("--questions", type=int, default=4, help="questions per video per step (shared video prefix)")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -599,8 +610,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aux-steps", type=int, default=0, help="fade the auxiliary loss out linearly over N steps (0: keep)")
     ap.add_argument("--train-clips", type=int, default=6000)
     ap.add_argument("--caption-prob", type=float, default=0.1)
-    ap.add_argument("--eval-clips", type=int, default=200)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-clips", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (breaks reproducibility of length)")
     ap.add_argument("--export-fp16", type=Path, default=None, help="also write a float16 copy here")
