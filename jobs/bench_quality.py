@@ -149,10 +149,11 @@ def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> 
         rows.append(row)
         types = sorted({x["qtype"] for x in res})
         for t in types:
-            sel = [x for x in res if x["qtype"] == t]
+            sel = [(x, it) for x, it in zip(res, items) if x["qtype"] == t]
             by_type.append({"method": method, "retention": r, "qtype": t, "questions": len(sel),
-                            "accuracy": float(np.mean([x["correct"] for x in sel])),
-                            "loglik_accuracy": float(np.mean([x["loglik_correct"] for x in sel]))})
+                            "accuracy": float(np.mean([x["correct"] for x, _ in sel])),
+                            "loglik_accuracy": float(np.mean([x["loglik_correct"] for x, _ in sel])),
+                            "chance": float(np.mean([1 / len(it.options) for _, it in sel]))})
         log(f"  {method:>15} @ {r:<5g} acc {row['accuracy']:.3f}  loglik {row['loglik_accuracy']:.3f}  "
             f"kept {kept:.1f}/{row['full_tokens']}  ({time.perf_counter() - t0:.1f}s)")
     base = next((x for x in rows if x["method"] == "none"), None)
@@ -161,6 +162,33 @@ def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> 
         x["rel_loglik_accuracy"] = (round(x["loglik_accuracy"] / base["loglik_accuracy"], 4)
                                     if base and base["loglik_accuracy"] else None)
     return rows, by_type
+
+
+ANSWERABLE_MARGIN = 0.2
+
+
+def answerable_rows(by_type: list[dict], margin: float = ANSWERABLE_MARGIN) -> tuple[list[dict], list[str]]:
+    """Accuracy restricted to the question types the UNPRUNED model answers well (option log-likelihood at
+    least `margin` above chance): types it answers at chance say nothing about what pruning removes."""
+    base = {r["qtype"]: r for r in by_type if r["method"] == "none"}
+    if not base:  # no unpruned row: take each type's best retention-1.0 row
+        base = {r["qtype"]: r for r in by_type if r["retention"] == 1.0}
+    types = sorted(t for t, r in base.items() if r["loglik_accuracy"] >= r["chance"] + margin)
+    out = []
+    for key in dict.fromkeys((r["method"], r["retention"]) for r in by_type):
+        sel = [r for r in by_type if (r["method"], r["retention"]) == key and r["qtype"] in types]
+        n = sum(r["questions"] for r in sel)
+        if not n:
+            continue
+        out.append({"method": key[0], "retention": key[1], "questions": n,
+                    "accuracy": sum(r["accuracy"] * r["questions"] for r in sel) / n,
+                    "loglik_accuracy": sum(r["loglik_accuracy"] * r["questions"] for r in sel) / n,
+                    "types": " ".join(types)})
+    ref = next((x for x in out if x["method"] == "none"), None)
+    for x in out:
+        for k in ("accuracy", "loglik_accuracy"):
+            x[f"rel_{k}"] = round(x[k] / ref[k], 4) if ref and ref[k] else None
+    return out, types
 
 
 def sweep_iwp(qa, cfg: QualityConfig, base, log=print) -> tuple[list[dict], dict]:
@@ -382,6 +410,27 @@ def accuracy_table(rows: list[dict], key: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def relative_table(rows: list[dict], key: str) -> str:
+    """Like `accuracy_table`, each pruned cell followed by (% of the unpruned value)."""
+    base = next((r[key] for r in rows if r["method"] == "none"), None)
+    rets = sorted({r["retention"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    best = {ret: max((r[key] for r in rows if r["retention"] == ret and r["method"] != "none"), default=None)
+            for ret in rets if ret < 1.0}
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in rets) + " |", "|---|" + "---:|" * len(rets)]
+    for m in methods:
+        cells = []
+        for ret in rets:
+            x = next((r[key] for r in rows if r["method"] == m and r["retention"] == ret), None)
+            if x is None:
+                cells.append("")
+                continue
+            s = _pct(x) + (f" ({100 * x / base:.0f})" if base and ret < 1.0 else "")
+            cells.append(f"**{s}**" if ret < 1.0 and best.get(ret) is not None and x == best[ret] else s)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fidelity_table(rows: list[dict], key: str = "final_err") -> str:
     if not rows:
         return ""
@@ -465,7 +514,8 @@ def plot_fidelity(rows: list[dict], path: Path) -> Path:
 
 
 def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[dict], sweep: list[dict],
-                   chosen: dict, meta: dict) -> Path:
+                   chosen: dict, meta: dict, by_type: list[dict] | None = None) -> Path:
+    by_type = by_type or []
     lines = [f"# Quality benchmark ({meta['model_name']})", "",
              f"Command: `{meta['command']}`", "",
              f"Test split: {cfg.videos} clips x {cfg.per_clip} questions ({cfg.fmt} format), seed {cfg.seed}; "
@@ -473,6 +523,13 @@ def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[di
     if acc:
         lines += ["## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy"), "",
                   "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy"), ""]
+        ans, types = answerable_rows(by_type)
+        if ans:
+            lines += [f"## Accuracy on the question types the unpruned model answers (option log-likelihood >= "
+                      f"chance + {100 * ANSWERABLE_MARGIN:.0f} points: {', '.join(types)}; {ans[0]['questions']} "
+                      f"questions), % (in brackets: % of unpruned)", "",
+                      "Option log-likelihood:", "", relative_table(ans, "loglik_accuracy"), "",
+                      "Greedy exact match:", "", relative_table(ans, "accuracy"), ""]
     for model in dict.fromkeys(r["model"] for r in fid):
         sel = [r for r in fid if r["model"] == model]
         lines += [f"## Fidelity: {model} ({sel[0]['videos']} videos)", "",
@@ -537,13 +594,16 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
     if acc:
         write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
         write_csv(out / "accuracy_by_type.csv", by_type)
+        answerable, _ = answerable_rows(by_type)
+        if answerable:
+            write_csv(out / "accuracy_answerable.csv", answerable)
         plot_accuracy(acc, out / "accuracy.png",
                       f"{model_name}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, {cfg.fmt})")
     if fid:
         write_csv(out / "fidelity.csv", fid, FIDELITY_COLUMNS)
         plot_fidelity(fid, out / "fidelity.png")
     meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
-    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta)
+    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type)
     (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in asdict(cfg).items()}, "model": model_path,
                                                  "iwp_settings": chosen, "torch": torch.__version__}, indent=2))
