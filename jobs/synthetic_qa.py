@@ -44,8 +44,8 @@ COLOURS = {
     "red": (220, 30, 30), "green": (30, 185, 45), "blue": (40, 70, 235), "yellow": (235, 220, 30),
     "white": (245, 245, 245), "orange": (245, 140, 20), "purple": (150, 40, 210), "cyan": (30, 215, 225),
 }
-SHAPES = ("square", "circle", "triangle", "star")
-SIZES = {"small": 14, "large": 24}
+SHAPES = ("square", "circle", "triangle")
+SIZES = {"small": 20, "large": 32}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
 TEXTURES = ("noise", "stripes", "checker", "waves", "gradient")
@@ -228,7 +228,7 @@ def _plan_track(rng: np.random.Generator, obj: SynthObject) -> None:
     side = SIZES[obj.size]
     dx, dy = DIRECTIONS[obj.direction]
     life = obj.disappear - obj.appear
-    lo, hi = 3.0, SIZE - side - 3.0                                  # inside range of the top-left corner
+    lo, hi = 8.0, SIZE - side - 8.0                                  # inside range of the top-left corner
     speed = float(rng.uniform(2.0, 4.0))
     travel = speed * (life - 1)
     if not obj.touches_edge and travel > (hi - lo):
@@ -287,9 +287,9 @@ def _render(rng: np.random.Generator, texture: str, pan: tuple[float, float], ob
 
 def token_labels(clip: "SynthClip", cell: int = 28, min_cover: float = 24.0) -> np.ndarray:
     """Per visual token (Qwen2.5-VL order: temporal group, row, column of 28x28-pixel cells) the object that
-    covers it most in the group's two frames: (N, 4) int64 of (colour id, shape id, direction id, cut by the
-    frame edge), 0 = no object (ids are 1 + the index in COLOURS / SHAPES / DIRECTIONS; the last column is 1
-    when that object is partly outside the frame in this group). For auxiliary training losses."""
+    covers it most in the group's two frames: (N, 5) int64 of (colour id, shape id, size id, direction id, cut
+    by the frame edge), 0 = no object (ids are 1 + the index in COLOURS / SHAPES / SIZES / DIRECTIONS; the last
+    column is 1 when that object is partly outside the frame in this group). For auxiliary training losses."""
     g_n, c_n = FRAMES // GROUP, SIZE // cell
     cover = np.zeros((g_n, c_n, c_n, len(clip.objects)), np.float32)
     cut = np.zeros((g_n, len(clip.objects)), bool)
@@ -306,15 +306,15 @@ def token_labels(clip: "SynthClip", cell: int = 28, min_cover: float = 24.0) -> 
             full = np.zeros((SIZE, SIZE), np.float32)
             full[y0:y1, x0:x1] = m[y0 - yi:y1 - yi, x0 - xi:x1 - xi]
             cover[t // GROUP, :, :, k] += full.reshape(c_n, cell, c_n, cell).sum(axis=(1, 3))
-    out = np.zeros((g_n * c_n * c_n, 4), np.int64)
+    out = np.zeros((g_n * c_n * c_n, 5), np.int64)
     if clip.objects:
         best = cover.argmax(-1).reshape(-1)
         ok = cover.max(-1).reshape(-1) >= min_cover
         colours, dirs = list(COLOURS), list(DIRECTIONS)
         for i in np.nonzero(ok)[0]:
             o = clip.objects[best[i]]
-            out[i] = (1 + colours.index(o.colour), 1 + SHAPES.index(o.shape), 1 + dirs.index(o.direction),
-                      int(cut[i // (c_n * c_n), best[i]]))
+            out[i] = (1 + colours.index(o.colour), 1 + SHAPES.index(o.shape), 1 + list(SIZES).index(o.size),
+                      1 + dirs.index(o.direction), int(cut[i // (c_n * c_n), best[i]]))
     return out
 
 
