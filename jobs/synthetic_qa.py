@@ -454,6 +454,24 @@ def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_c
     return manifest
 
 
+def write_demo_clips(out_dir: str | Path, n: int = 4, *, seed: int = 0) -> dict[str, str]:
+    """The first `n` test clips as video files, cycling through the codecs PyAV can write here; returns
+    {file name: reference caption} (what `framescribe demo` shows next to the model's caption)."""
+    from pipeline.sample_videos import _CODECS, available_codecs, write_video
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    codecs = available_codecs()
+    refs = {}
+    for i in range(n):
+        clip = make_clip("test", i, seed)
+        codec = codecs[i % len(codecs)]
+        name = f"{clip.clip_id}_{codec}{_CODECS[codec][1]}"
+        write_video(out / name, clip.frames, fps=FPS, codec=codec)
+        refs[name] = clip.caption
+    return refs
+
+
 if __name__ == "__main__":  # python -m jobs.synthetic_qa OUT_DIR [split] [n]
     import sys
 

@@ -267,9 +267,10 @@ class SequenceBuilder:
         return (prefix, prefix_pos), (emb(tokens), positions, mask, targets)
 
 
-def shared_prefix_logits(model, prefix, suffix) -> torch.Tensor:
+def shared_prefix_logits(model, prefix, suffix, return_prefix: bool = False):
     """Logits of the suffix rows: the LLM runs the video prefix once per video, repeats its KV cache for the
-    video's Q suffixes, then runs the suffixes (same math as one full sequence per question)."""
+    video's Q suffixes, then runs the suffixes (same math as one full sequence per question). With
+    `return_prefix`, also the prefix's last hidden state (B, Lp, D)."""
     from transformers import DynamicCache
 
     (pre, pre_pos), (suf, suf_pos, suf_mask, _) = prefix, suffix
@@ -277,12 +278,12 @@ def shared_prefix_logits(model, prefix, suffix) -> torch.Tensor:
     b, lp = pre.shape[:2]
     q = suf.shape[0] // b
     cache = DynamicCache(config=model.config.get_text_config())
-    lm(inputs_embeds=pre, attention_mask=torch.ones(b, lp, dtype=torch.long), position_ids=pre_pos, cache=cache,
-       use_cache=True)
+    pre_h = lm(inputs_embeds=pre, attention_mask=torch.ones(b, lp, dtype=torch.long), position_ids=pre_pos,
+               cache=cache, use_cache=True).last_hidden_state
     cache.batch_repeat_interleave(q)
     mask = torch.cat([torch.ones(b * q, lp, dtype=torch.long), suf_mask], dim=1)
     h = lm(inputs_embeds=suf, attention_mask=mask, position_ids=suf_pos, cache=cache, use_cache=True).last_hidden_state
-    return model.lm_head(h)
+    return (model.lm_head(h), pre_h) if return_prefix else model.lm_head(h)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -303,10 +304,28 @@ def sample_question(rng: random.Random, clip: sq.SynthClip, caption_prob: float)
     return mcq.prompt(rng.choice(("short", "mc"))), q.answer
 
 
+def temporal_labels(clip: sq.SynthClip, tokens: np.ndarray) -> np.ndarray:
+    """(N, 3) causal per-token targets that need looking back in time (for the LLM's probe): the temporal group
+    where the token's object first appeared (1-based, 0 = no object), how many objects have appeared up to this
+    token's group, how many have vanished by then. `tokens` is `token_labels(clip)`."""
+    groups = sq.FRAMES // sq.GROUP
+    per_group = len(tokens) // groups
+    by_colour = {1 + list(sq.COLOURS).index(o.colour): o for o in clip.objects}
+    out = np.zeros((len(tokens), 3), np.int64)
+    for i, colour in enumerate(tokens[:, 0]):
+        g = i // per_group
+        if colour:
+            out[i, 0] = 1 + by_colour[int(colour)].appear // sq.GROUP
+        out[i, 1] = sum(o.appear // sq.GROUP <= g for o in clip.objects)
+        out[i, 2] = sum(o.disappear // sq.GROUP <= g for o in clip.objects)
+    return out
+
+
 def _make_clip(args: tuple[str, int, int]) -> tuple[sq.SynthClip, np.ndarray]:
     clip = sq.make_clip(*args)
-    labels = np.concatenate([sq.token_labels(clip), np.full((sq.FRAMES // 2 * (sq.SIZE // 28) ** 2, 1),
-                                                            int(clip.panning), np.int64)], axis=1)
+    tokens = sq.token_labels(clip)
+    labels = np.concatenate([tokens, np.full((len(tokens), 1), int(clip.panning), np.int64),
+                             temporal_labels(clip, tokens)], axis=1)
     return clip, labels
 
 
@@ -318,7 +337,7 @@ def generate_clips(split: str, n: int, seed: int, workers: int = 2):
     auxiliary loss only."""
     frames = np.empty((n, sq.FRAMES, sq.SIZE, sq.SIZE, 3), dtype=np.uint8)
     n_tok = sq.FRAMES // 2 * (sq.SIZE // 28) ** 2
-    labels = np.zeros((n, n_tok, len(AUX_CLASSES)), dtype=np.int64)
+    labels = np.zeros((n, n_tok, LABEL_COLUMNS), dtype=np.int64)
     jobs = [(split, i, seed) for i in range(n)]
     clips = []
     if workers > 1:
@@ -339,6 +358,26 @@ def generate_clips(split: str, n: int, seed: int, workers: int = 2):
 
 AUX_CLASSES = (1 + len(sq.COLOURS), 1 + len(sq.SHAPES), 1 + len(sq.SIZES), 1 + len(sq.DIRECTIONS), 2, 2)
 AUX_NAMES = ("colour", "shape", "size", "direction", "cut", "pan")  # cut: object partly outside the frame
+TEMPORAL_CLASSES = (1 + sq.FRAMES // sq.GROUP, 5, 5)  # first group of the token's object, objects seen, gone
+LABEL_COLUMNS = len(AUX_CLASSES) + len(TEMPORAL_CLASSES)
+
+
+class TemporalHead(torch.nn.Module):
+    """Training-only linear probe on the LLM's last hidden state at the visual tokens: causal facts that need
+    attention back in time (when did this token's object first appear, how many objects so far, how many
+    gone). Dense supervision for the temporal questions; not part of the saved model."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, sum(TEMPORAL_CLASSES))
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        first, seen, gone = self.proj(hidden.float()).split(TEMPORAL_CLASSES, dim=-1)
+        obj = labels[:, 0] > 0
+        terms = [F.cross_entropy(seen, labels[:, 1]), F.cross_entropy(gone, labels[:, 2])]
+        if bool(obj.any()):
+            terms.append(F.cross_entropy(first[obj], labels[obj, 0]))
+        return sum(terms) / len(TEMPORAL_CLASSES)
 
 
 class AuxHead(torch.nn.Module):
@@ -394,7 +433,7 @@ def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray,
             g["lr"] = lr * min(1.0, (step + 1) / 100)
         with fast_vision_attention(model):
             visual = model.model.get_video_features(pixels, vgrid).pooler_output
-            loss = aux.loss(torch.cat(list(visual)), torch.from_numpy(labels[idx].reshape(-1, len(AUX_CLASSES))))
+            loss = aux.loss(torch.cat(list(visual)), torch.from_numpy(labels[idx].reshape(-1, LABEL_COLUMNS)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -406,7 +445,7 @@ def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray,
                 with torch.no_grad(), fast_vision_attention(model):
                     px, vg = patchify(torch.from_numpy(val[0]))
                     v = torch.cat(list(model.model.get_video_features(px, vg).pooler_output))
-                extra = aux.accuracy(v, torch.from_numpy(val[1].reshape(-1, len(AUX_CLASSES))))
+                extra = aux.accuracy(v, torch.from_numpy(val[1].reshape(-1, LABEL_COLUMNS)))
                 model.train()
             log(event="vision_step", step=step, aux_loss=round(float(loss), 4), val_token_acc=extra)
 
@@ -456,7 +495,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
           warmup: int = 100, bf16: bool = False, aux_weight: float = 1.0, aux_steps: int = 0,
           train_clips: int = 6000, caption_prob: float = 0.0, eval_clips: int = 150, eval_every: int = 400,
           sizes: Sizes = Sizes(), threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
-          vision_steps: int = 1600, vision_lr: float = 3e-3, captions: int = 1) -> dict:
+          vision_steps: int = 1600, vision_lr: float = 3e-3, captions: int = 1, temporal_weight: float = 1.0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
@@ -478,12 +517,13 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
         raise AssertionError(f"patchify differs from the processor by {diff}")
     log(event="start", seed=seed, steps=steps, batch=batch, questions=questions, lr=lr, bf16=bf16,
         aux_weight=aux_weight, aux_steps=aux_steps, vision_steps=vision_steps, vision_lr=vision_lr,
-        captions=captions, caption_prob=caption_prob, train_clips=train_clips,
+        captions=captions, caption_prob=caption_prob, temporal_weight=temporal_weight, train_clips=train_clips,
         params=sum(p.numel() for p in model.parameters()), sizes=asdict(sizes), patchify_max_diff=diff,
         torch=torch.__version__, threads=torch.get_num_threads())
     frames, clips, token_labels = generate_clips("train", train_clips, seed)
     log(event="data", clips=len(clips))
     aux = AuxHead(sizes.hidden)
+    temporal = TemporalHead(sizes.hidden)
     if vision_steps:
         vframes, _, vlabels = generate_clips("val", 48, 0, workers=1)
         pretrain_vision(model, aux, frames, token_labels, steps=vision_steps, batch=batch, lr=vision_lr,
@@ -494,7 +534,8 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
     grid = (sq.FRAMES // 2, sq.SIZE // 14, sq.SIZE // 14)
     builder = SequenceBuilder(model, processor, grid, second_per_grid=2.0 / sq.FPS)
     decay, no_decay = [], []
-    for n_, p in [*model.named_parameters(), *aux.named_parameters(prefix="aux")]:
+    for n_, p in [*model.named_parameters(), *aux.named_parameters(prefix="aux"),
+                  *temporal.named_parameters(prefix="temporal")]:
         (no_decay if p.dim() < 2 or "norm" in n_ or "embed" in n_ else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
@@ -515,12 +556,16 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
         with fast_vision_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             visual = model.model.get_video_features(pixels, vgrid).pooler_output
             prefix, suffix = builder.shared_batch(list(visual), samples)
-            logits = shared_prefix_logits(model, prefix, suffix)
+            logits, prefix_h = shared_prefix_logits(model, prefix, suffix, return_prefix=True)
             targets = suffix[3]
             qa_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                       ignore_index=-100)
-            aux_labels = torch.from_numpy(token_labels[idx].reshape(-1, len(AUX_CLASSES)))
+            aux_labels = torch.from_numpy(token_labels[idx].reshape(-1, LABEL_COLUMNS))
             aux_loss = aux.loss(torch.cat(list(visual)), aux_labels)
+            if temporal_weight:
+                n_vis = builder.n_video
+                vis_h = prefix_h[:, -n_vis:].reshape(-1, prefix_h.shape[-1])   # the prefix ends with the video
+                aux_loss = aux_loss + temporal_weight * temporal.loss(vis_h, aux_labels[:, len(AUX_CLASSES):])
             w = aux_weight * max(0.0, 1.0 - step / max(1, aux_steps)) if aux_steps else aux_weight
             loss = qa_loss + w * aux_loss
         for g in opt.param_groups:
@@ -528,7 +573,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
         opt.zero_grad(set_to_none=True)
         with fast_vision_attention(model):
             loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters()], 1.0)
+        gn = torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters(), *temporal.parameters()], 1.0)
         opt.step()
         ema = float(qa_loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(qa_loss.detach())
         if step % 25 == 0 or step == steps - 1:
@@ -558,7 +603,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 2400, batch: int = 16, quest
     summary = {"seed": seed, "steps": steps, "batch": batch, "questions": questions, "lr": lr, "bf16": bf16,
                "eval_clips": eval_clips,
                "aux_weight": aux_weight, "aux_steps": aux_steps, "vision_steps": vision_steps, "vision_lr": vision_lr,
-               "captions": captions,
+               "captions": captions, "temporal_weight": temporal_weight,
                "train_clips": train_clips,
                "caption_prob": caption_prob, "sizes": asdict(sizes), "train_seconds": round(train_s, 1),
                "train_cpu_seconds": round(train_cpu, 1),
@@ -584,6 +629,28 @@ def export_fp16(src: Path, dst: Path) -> Path:
 def _fmt_acc(res: dict) -> str:
     keys = [k for k in ("mc_greedy", "mc_loglik", "short_greedy", "short_loglik") if k in res]
     return ", ".join(f"{k.replace('_', ' ')} {100 * res[k]:.1f}%" for k in keys)
+
+
+TARGET_ACCURACY = 0.90  # issue #7: unpruned test accuracy the trained tiny model should reach
+
+
+def _can_do(test: dict) -> list[str]:
+    """The README's honest summary, from the measured per-type accuracy (multiple choice, greedy)."""
+    acc = test.get("mc_greedy", 0.0)
+    by_type = test.get("mc_by_type", {})
+    good = [k for k, v in by_type.items() if v >= 0.9]
+    mid = [k for k, v in by_type.items() if 0.6 <= v < 0.9]
+    weak = [k for k, v in by_type.items() if v < 0.6]
+    verdict = (f"Test accuracy {100 * acc:.1f}% (multiple choice, greedy) meets the {100 * TARGET_ACCURACY:.0f}% "
+               "target of the quality benchmark." if acc >= TARGET_ACCURACY else
+               f"Test accuracy {100 * acc:.1f}% (multiple choice, greedy) is BELOW the {100 * TARGET_ACCURACY:.0f}% "
+               "target of the quality benchmark: more training steps than the CPU budget allowed would be needed.")
+    lines = [verdict, ""]
+    lines.append("* answers reliably (>= 90%): " + (", ".join(good) or "none"))
+    lines.append("* often right (60-90%): " + (", ".join(mid) or "none"))
+    lines.append("* weak (< 60%): " + (", ".join(weak) or "none"))
+    lines += ["", "It knows only this synthetic world: on any other video its captions and answers are meaningless."]
+    return lines
 
 
 def write_readme(dst: Path, summary: dict) -> Path:
@@ -615,9 +682,11 @@ def write_readme(dst: Path, summary: dict) -> Path:
         "",
         f"* seed {s['seed']}; {s['steps']} steps of {s['batch']} clips x {s['questions']} questions (the video "
         f"prefix computed once per clip), AdamW lr {s['lr']} (warm-up, cosine), {s['train_clips']} training clips, "
-        f"captions with probability {s['caption_prob']}; loss on the answer tokens (+ end of turn) only, plus "
-        f"an auxiliary per-visual-token loss (weight {s['aux_weight']}; a training-only linear probe that is not "
-        "saved).",
+        f"{s.get('captions', 0)} caption target(s) per clip per step; loss on the answer tokens (+ end of turn) "
+        f"only, plus an auxiliary per-visual-token loss (weight {s['aux_weight']}; training-only linear probes that "
+        "are not saved). Before that, stage 1: "
+        f"{s.get('vision_steps', 0)} steps that train only the vision tower on the per-token labels (lr "
+        f"{s.get('vision_lr', '-')}).",
         f"* CPU, torch.set_num_threads({s['threads']}), torch {s['torch']}: {s['train_seconds'] / 60:.1f} min wall "
         f"({s.get('train_cpu_seconds', 0) / 60:.1f} CPU-minutes) on a shared 2-core machine.",
         "* Reproducible: model init, clips, question sampling and batch order all follow from the seed; the same "
@@ -635,13 +704,7 @@ def write_readme(dst: Path, summary: dict) -> Path:
         "",
         "## What it can and cannot do",
         "",
-        "This is far below the 90% the quality benchmark was meant to have: learning these questions from "
-        "scratch needs much more than the ~35 CPU-minutes spent here (see docs/benchmarks.md, Quality). What "
-        "the model learned: whether the camera pans, how many objects there are, and, partly, which colour "
-        "appears / vanishes over time (the option log-likelihood picks the right option far more often than "
-        "greedy decoding spells the full answer, because the shape word it generates is often wrong). What "
-        "it did not learn: shapes, directions of motion, touching the edge (chance level). Captions name the "
-        "right colours and number of objects; shapes and directions in them are mostly a default guess.",
+        *_can_do(test),
         "",
     ]
     path = Path(dst) / "README.md"
@@ -677,6 +740,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-steps", type=int, default=1600,
                     help="stage 1: steps that train the vision tower on the per-token labels alone (cheap)")
     ap.add_argument("--vision-lr", type=float, default=3e-3)
+    ap.add_argument("--temporal-weight", type=float, default=1.0,
+                    help="weight of the LLM probe loss (causal temporal facts at the visual tokens; 0: off)")
     ap.add_argument("--train-clips", type=int, default=6000)
     ap.add_argument("--caption-prob", type=float, default=0.0, help="chance that a sampled question is the caption")
     ap.add_argument("--captions", type=int, default=1,
@@ -694,7 +759,8 @@ def main(argv: list[str] | None = None) -> None:
                     warmup=a.warmup, bf16=a.bf16, aux_weight=a.aux_weight, aux_steps=a.aux_steps,
                     train_clips=a.train_clips, caption_prob=a.caption_prob, eval_clips=a.eval_clips,
                     eval_every=a.eval_every, threads=a.threads, max_minutes=a.max_minutes,
-                    vision_steps=a.vision_steps, vision_lr=a.vision_lr, captions=a.captions)
+                    vision_steps=a.vision_steps, vision_lr=a.vision_lr, captions=a.captions,
+                    temporal_weight=a.temporal_weight)
     if a.export_fp16:
         export_fp16(a.out, a.export_fp16)
     if a.ship:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -129,44 +130,54 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
     from pipeline.sample_videos import make_demo_videos
 
     videos = workdir / "videos"
-    make_demo_videos(videos, n=4)
-    (videos / "broken.mp4").write_bytes(b"this is not a video")
+    if videos.is_dir():
+        shutil.rmtree(videos)  # a re-run shows this run's clips only
     sampling = dict(max_new_tokens=12)
+    references: dict[str, str] = {}
+    shipped = None
     if model is None:
         from actors.assets import shipped_synthqa_model
 
         shipped = shipped_synthqa_model()
-        if shipped is not None:
-            # the shipped tiny model was trained on synthetic clips (16 frames of 112x112 at 8 fps, moving
-            # shapes): sample the demo clips the same way, so its captions describe them
-            model = str(shipped)
-            sampling = dict(num_frames=16, max_pixels=112 * 112, max_new_tokens=32)
-        else:
+    if shipped is not None:
+        # the shipped tiny model knows only the synthetic QA world: label test clips of that world, sampled
+        # the way it was trained (16 frames of 112x112), and show the reference caption beside its own
+        from jobs.synthetic_qa import write_demo_clips
+
+        model = str(shipped)
+        references = write_demo_clips(videos, n=4)
+        sampling = dict(num_frames=16, max_pixels=112 * 112, max_new_tokens=40)
+    else:
+        make_demo_videos(videos, n=4)
+        if model is None:
             model_dir = workdir / "tiny-qwen2_5_vl"
             if not (model_dir / "config.json").is_file():
                 make_tiny_model(model_dir, "qwen2_5_vl")
             model = str(model_dir)
+    (videos / "broken.mp4").write_bytes(b"this is not a video")
     cfg = RunConfig(input=str(videos), output=str(workdir / "labels"), model=model, pruner=pruner,
                     retention=retention, batch_size=4, overwrite=True, **sampling)
     code = execute(cfg)
     if code == 0:
-        _print_rows(cfg.output)
+        _print_rows(cfg.output, references)
         console.print(f"Parquet dataset: {Path(cfg.output).resolve()}  "
                       f"(read it with pyarrow.dataset.dataset(PATH) or duckdb read_parquet('PATH/**/*.parquet'))")
     raise typer.Exit(code)
 
 
-def _print_rows(output: str) -> None:
+def _print_rows(output: str, references: dict[str, str] | None = None) -> None:
     from pipeline.output import read_rows
 
     rows = read_rows(output, columns=["uri", "status", "visual_tokens_kept", "visual_tokens_full", "text",
                                       "error_type"]).to_pylist()
     t = Table(title="rows")
-    for c in ("video", "status", "tokens", "text / error"):
+    for c in ("video", "status", "tokens", "text / error") + (("reference caption",) if references else ()):
         t.add_column(c)
     for r in sorted(rows, key=lambda r: r["uri"]):
         tokens = f"{r['visual_tokens_kept']}/{r['visual_tokens_full']}" if r["status"] == "ok" else ""
-        t.add_row(Path(r["uri"]).name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:60])
+        name = Path(r["uri"]).name
+        cells = [name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:120]]
+        t.add_row(*cells, *((references.get(name, ""),) if references else ()))
     Console().print(t)
 
 

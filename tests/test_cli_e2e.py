@@ -101,3 +101,33 @@ def test_max_error_ratio_exit_code(tmp_path, tiny_qwen, corpus):
                 "--max-error-ratio", "0.5")
     assert r.returncode == 3 and "max-error-ratio" in r.stderr
     assert len(_rows(tmp_path / "o")) == 2  # the error rows are still written
+
+
+def test_demo_captions_describe_its_clips(tmp_path):
+    """`framescribe demo`, the README's first command: the shipped trained model labels synthetic test clips
+    (several codecs) and one broken file; one row per file, the broken one an error row; and the captions
+    name the objects that are really in the clips (the reference caption is the generator's ground truth)."""
+    from pathlib import Path
+
+    from actors.assets import shipped_synthqa_model
+    from jobs import synthetic_qa as sq
+    from pipeline.output import read_rows
+
+    if shipped_synthqa_model() is None:
+        pytest.skip("no shipped trained model")
+    res = run_cli("demo", "--workdir", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "reference caption" in res.stdout
+    rows = {Path(r["uri"]).name: r for r in read_rows(str(tmp_path / "labels")).to_pylist()}
+    assert len(rows) == 5
+    assert rows["broken.mp4"]["status"] == "error" and rows["broken.mp4"]["error_message"]
+    ok = {name: r for name, r in rows.items() if name != "broken.mp4"}
+    assert all(r["status"] == "ok" for r in ok.values())
+    named = total = 0
+    for i in range(4):
+        clip = sq.make_clip("test", i)
+        (name,) = [n for n in ok if n.startswith(clip.clip_id)]
+        text = ok[name]["text"]
+        total += len(clip.objects)
+        named += sum(o.colour in text for o in clip.objects)
+    assert named >= 0.75 * total, {n: r["text"] for n, r in ok.items()}
