@@ -36,7 +36,7 @@ import numpy as np
 import typer
 
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
-SWEEP_GRID = {"lam": (0.3, 0.5, 0.7, 0.9), "temperature": (0.5, 1.0, 2.0, 4.0), "floor": (0.0, 0.25, 0.5)}
+SWEEP_GRID = {"lam": (0.1, 0.3, 0.5, 0.7, 0.9), "temperature": (0.5, 1.0, 2.0, 4.0), "floor": (0.0, 0.25, 0.5)}
 SWEEP_RETENTIONS = (0.25, 0.10)
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
 

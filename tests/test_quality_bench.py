@@ -180,25 +180,21 @@ def test_fidelity_is_zero_when_nothing_is_pruned(qa_model_dir):
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped trained model")
 def test_shipped_model_answers_test_questions():
-    """The shipped model, loaded like `framescribe run --model DIR` loads it, answers test questions unpruned
-    through the real adapter path (encode → splice → greedy_generate / prefill).
-
-    The issue asked for >= 80% of 20 test questions; the model shipped here did not get there on the whole
-    question set (see its README), so: >= 80% greedy on 20 questions of the types it learned (camera motion,
-    object count), and the option log-likelihood above chance on the first 20 evaluation questions."""
+    """The shipped model, loaded like `framescribe run --model DIR` loads it, answers held-out test questions
+    unpruned through the real adapter path (encode → splice → greedy_generate): >= 80% of the first 60
+    evaluation questions of the test split, and option log-likelihood at least as good; the README next to the
+    weights states the accuracy it was measured at."""
     from actors.splice import PruneSpec
     from jobs.qa_scoring import QAItem, QAModel, answer_items
 
     qa = QAModel.load(str(SHIPPED))
-    clips = [sq.make_clip("test", i) for i in range(12)]
+    clips = [sq.make_clip("test", i) for i in range(24)]
     enc = qa.encode([c.frames for c in clips], [c.timestamps for c in clips])
-    learned = [QAItem(j, q.prompt("mc"), q.answer, q.options, q.qtype) for j, c in enumerate(clips)
-               for q in c.questions if q.qtype in ("background", "count")][:20]
-    res = answer_items(qa, enc, learned, PruneSpec(), loglik=False)
+    items = [QAItem(j, q.prompt("mc"), q.answer, q.options, q.qtype) for j, c in enumerate(clips)
+             for q in sq.eval_questions(c)][:60]
+    res = answer_items(qa, enc, items, PruneSpec(), loglik=True)
     acc = float(np.mean([r["correct"] for r in res]))
-    assert len(res) == 20 and acc >= 0.8, [(r["prompt"], r["answer"], r["text"]) for r in res if not r["correct"]]
-    general = [QAItem(j, q.prompt("mc"), q.answer, q.options, q.qtype) for j, c in enumerate(clips)
-               for q in sq.eval_questions(c)][:20]
-    res = answer_items(qa, enc, general, PruneSpec(), loglik=True)
-    chance = float(np.mean([1 / len(it.options) for it in general]))
-    assert float(np.mean([r["loglik_correct"] for r in res])) > chance + 0.1
+    assert len(res) == 60 and acc >= 0.8, [(r["prompt"], r["answer"], r["text"]) for r in res if not r["correct"]]
+    assert float(np.mean([r["loglik_correct"] for r in res])) >= 0.8
+    summary = json.loads((SHIPPED / "train_summary.json").read_text())
+    assert f"{100 * summary['test']['mc_greedy']:.1f}%" in (SHIPPED / "README.md").read_text()
