@@ -12,7 +12,7 @@ MAGNITUDE_NORMS = ("max", "rank")
 
 @dataclass(frozen=True)
 class IWPSettings:
-    lam: float = 0.5  # MMR trade-off λ: weight of magnitude against duplication
+    lam: float = 0.3  # MMR trade-off λ: weight of magnitude against duplication (0.3: docs/benchmarks.md, Quality)
     temperature: float = 1.0  # τ: the kernel uses τ·√d instead of √d (tames large key norms)
     floor: float = 0.25  # per-chunk floor as a fraction of an even share K/T; 0 disables
     chunking: str = "temporal"  # "temporal" (chunk = temporal group) | "fixed" (paper-style fixed-size chunks)

@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
     # pruning
     pruner: str = "none"
     retention: float = Field(1.0, gt=0, le=1)
-    iwp_lambda: float = Field(0.5, ge=0, le=1)
+    iwp_lambda: float = Field(0.3, ge=0, le=1)  # = iwp.IWPSettings defaults (tests check they agree)
     iwp_temperature: float = Field(1.0, gt=0)
     iwp_floor: float = Field(0.25, ge=0, le=1)
     iwp_chunking: Literal["temporal", "fixed"] = "temporal"

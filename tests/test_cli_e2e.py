@@ -123,11 +123,14 @@ def test_demo_captions_describe_its_clips(tmp_path):
     assert rows["broken.mp4"]["status"] == "error" and rows["broken.mp4"]["error_message"]
     ok = {name: r for name, r in rows.items() if name != "broken.mp4"}
     assert all(r["status"] == "ok" for r in ok.values())
-    named = total = 0
+    # colours are the easiest thing to check in free text: the captions (at the demo's 25% retention) must name
+    # most of the clips' colours and few others (a caption naming random colours gets about 35% precision)
+    right = wrong = total = 0
     for i in range(4):
         clip = sq.make_clip("test", i)
         (name,) = [n for n in ok if n.startswith(clip.clip_id)]
-        text = ok[name]["text"]
-        total += len(clip.objects)
-        named += sum(o.colour in text for o in clip.objects)
-    assert named >= 0.75 * total, {n: r["text"] for n, r in ok.items()}
+        said = {c for c in sq.COLOURS if c in ok[name]["text"].split()}
+        truth = {o.colour for o in clip.objects}
+        right, wrong, total = right + len(said & truth), wrong + len(said - truth), total + len(truth)
+    texts = {n: r["text"] for n, r in ok.items()}
+    assert right >= 0.6 * total and right >= 0.6 * (right + wrong), texts

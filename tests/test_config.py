@@ -48,3 +48,14 @@ def test_labeling_hash_tracks_what_changes_the_text():
     assert a.labeling_hash() == RunConfig(**BASE, batch_size=16, concurrency=3).labeling_hash()
     assert a.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5).labeling_hash()
     assert a.labeling_hash() != RunConfig(**BASE, prompt="What happens?").labeling_hash()
+
+
+def test_config_iwp_defaults_match_the_library():
+    """`framescribe run` and `iwp.IWPSettings` must not drift apart: one measured default each."""
+    from iwp import IWPSettings
+
+    from pipeline.config import RunConfig
+
+    cfg, lib = RunConfig(input="x", output="y", model="m"), IWPSettings()
+    assert (cfg.iwp_lambda, cfg.iwp_temperature, cfg.iwp_floor, cfg.iwp_chunking, cfg.iwp_head_agg) == (
+        lib.lam, lib.temperature, lib.floor, lib.chunking, lib.head_agg)
