@@ -331,11 +331,11 @@ def _make_clip(args: tuple[str, int, int]) -> tuple[sq.SynthClip, np.ndarray]:
 
 
 def generate_clips(split: str, n: int, seed: int, workers: int = 2):
-    """(frames (n, T, H, W, 3) uint8, clips without their frames, per-token labels (n, N, 5) int64).
+    """(frames (n, T, H, W, 3) uint8, clips without their frames, per-token labels (n, N, LABEL_COLUMNS) int64).
 
-    Labels per visual token (see `synthetic_qa.token_labels`): colour, shape, size, direction of the object
-    covering it (0 = none), whether it is cut by the frame edge, and whether the camera pans; they feed the
-    auxiliary loss only."""
+    Labels per visual token: colour, shape, size, direction of the object covering it (0 = none) and whether
+    it is cut by the frame edge (`synthetic_qa.token_labels`), whether the camera pans, then the causal
+    temporal facts of `temporal_labels`; they feed the training-only probes only."""
     frames = np.empty((n, sq.FRAMES, sq.SIZE, sq.SIZE, 3), dtype=np.uint8)
     n_tok = sq.FRAMES // 2 * (sq.SIZE // 28) ** 2
     labels = np.zeros((n, n_tok, LABEL_COLUMNS), dtype=np.int64)
