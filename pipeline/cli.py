@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -130,8 +129,9 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
     from pipeline.sample_videos import make_demo_videos
 
     videos = workdir / "videos"
-    if videos.is_dir():
-        shutil.rmtree(videos)  # a re-run shows this run's clips only
+    for old in videos.glob("*"):  # a re-run shows this run's clips only; files the demo did not write stay
+        if old.is_file() and (old.name == "broken.mp4" or old.name.startswith(("demo_", "test-"))):
+            old.unlink()
     sampling = dict(max_new_tokens=12)
     references: dict[str, str] = {}
     shipped = None
