@@ -448,7 +448,7 @@ def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray,
                     v = torch.cat(list(model.model.get_video_features(px, vg).pooler_output))
                 extra = aux.accuracy(v, torch.from_numpy(val[1].reshape(-1, LABEL_COLUMNS)))
                 model.train()
-            log(event="vision_step", step=step, aux_loss=round(float(loss), 4), val_token_acc=extra)
+            log(event="vision_step", step=step, aux_loss=round(float(loss.detach()), 4), val_token_acc=extra)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
