@@ -156,12 +156,16 @@ def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> 
                             "chance": float(np.mean([1 / len(it.options) for _, it in sel]))})
         log(f"  {method:>15} @ {r:<5g} acc {row['accuracy']:.3f}  loglik {row['loglik_accuracy']:.3f}  "
             f"kept {kept:.1f}/{row['full_tokens']}  ({time.perf_counter() - t0:.1f}s)")
+    _add_relative(rows)
+    return rows, by_type
+
+
+def _add_relative(rows: list[dict]) -> None:
+    """rel_accuracy / rel_loglik_accuracy: each row's accuracy as a fraction of the unpruned ("none") row's."""
     base = next((x for x in rows if x["method"] == "none"), None)
     for x in rows:
-        x["rel_accuracy"] = round(x["accuracy"] / base["accuracy"], 4) if base and base["accuracy"] else None
-        x["rel_loglik_accuracy"] = (round(x["loglik_accuracy"] / base["loglik_accuracy"], 4)
-                                    if base and base["loglik_accuracy"] else None)
-    return rows, by_type
+        for k in ("accuracy", "loglik_accuracy"):
+            x[f"rel_{k}"] = round(x[k] / base[k], 4) if base and base[k] else None
 
 
 ANSWERABLE_MARGIN = 0.2
@@ -184,10 +188,7 @@ def answerable_rows(by_type: list[dict], margin: float = ANSWERABLE_MARGIN) -> t
                     "accuracy": sum(r["accuracy"] * r["questions"] for r in sel) / n,
                     "loglik_accuracy": sum(r["loglik_accuracy"] * r["questions"] for r in sel) / n,
                     "types": " ".join(types)})
-    ref = next((x for x in out if x["method"] == "none"), None)
-    for x in out:
-        for k in ("accuracy", "loglik_accuracy"):
-            x[f"rel_{k}"] = round(x[k] / ref[k], 4) if ref and ref[k] else None
+    _add_relative(out)
     return out, types
 
 
@@ -388,30 +389,9 @@ def _pct(x) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
-def accuracy_table(rows: list[dict], key: str = "accuracy") -> str:
-    rets = sorted({r["retention"] for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    best = {}
-    for ret in rets:
-        if ret < 1.0:
-            vals = [r[key] for r in rows if r["retention"] == ret and r["method"] != "none"]
-            best[ret] = max(vals) if vals else None
-    lines = ["| method | " + " | ".join(f"{r:g}" for r in rets) + " |",
-             "|---|" + "---:|" * len(rets)]
-    for m in methods:
-        cells = []
-        for ret in rets:
-            x = next((r[key] for r in rows if r["method"] == m and r["retention"] == ret), None)
-            s = _pct(x)
-            if x is not None and ret < 1.0 and best.get(ret) is not None and x == best[ret]:
-                s = f"**{s}**"
-            cells.append(s)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def relative_table(rows: list[dict], key: str) -> str:
-    """Like `accuracy_table`, each pruned cell followed by (% of the unpruned value)."""
+def accuracy_table(rows: list[dict], key: str = "accuracy", relative: bool = False) -> str:
+    """Methods x retentions (%), the best pruned cell of each retention in bold; with `relative`, each pruned
+    cell followed by (% of the unpruned value)."""
     base = next((r[key] for r in rows if r["method"] == "none"), None)
     rets = sorted({r["retention"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -425,7 +405,7 @@ def relative_table(rows: list[dict], key: str) -> str:
             if x is None:
                 cells.append("")
                 continue
-            s = _pct(x) + (f" ({100 * x / base:.0f})" if base and ret < 1.0 else "")
+            s = _pct(x) + (f" ({100 * x / base:.0f})" if relative and base and ret < 1.0 else "")
             cells.append(f"**{s}**" if ret < 1.0 and best.get(ret) is not None and x == best[ret] else s)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -528,8 +508,8 @@ def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[di
             lines += [f"## Accuracy on the question types the unpruned model answers (option log-likelihood >= "
                       f"chance + {100 * ANSWERABLE_MARGIN:.0f} points: {', '.join(types)}; {ans[0]['questions']} "
                       f"questions), % (in brackets: % of unpruned)", "",
-                      "Option log-likelihood:", "", relative_table(ans, "loglik_accuracy"), "",
-                      "Greedy exact match:", "", relative_table(ans, "accuracy"), ""]
+                      "Option log-likelihood:", "", accuracy_table(ans, "loglik_accuracy", relative=True), "",
+                      "Greedy exact match:", "", accuracy_table(ans, "accuracy", relative=True), ""]
     for model in dict.fromkeys(r["model"] for r in fid):
         sel = [r for r in fid if r["model"] == model]
         lines += [f"## Fidelity: {model} ({sel[0]['videos']} videos)", "",
