@@ -63,8 +63,6 @@ class LlavaOneVisionAdapter(VideoPromptIds):
                 videos[i] = EncodedVideo(embeds=feats[j, :-1], layout=layout, trailing=feats[j, -1:])
         return videos
 
-
-
     @torch.inference_mode()
     def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:
         ids = self.full_input_ids(video, prompt)

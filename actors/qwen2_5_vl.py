@@ -55,8 +55,6 @@ class Qwen25VLAdapter(VideoPromptIds):
         step = (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1)
         return float(self.temporal_patch * step)
 
-
-
     @torch.inference_mode()
     def splice(self, video: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:
         """Full sequence → M-RoPE positions on it → drop the pruned video tokens, keep everyone's positions."""

@@ -660,6 +660,7 @@ def write_readme(dst: Path, summary: dict) -> Path:
     sizes = s["sizes"]
     test, val = s["test"], s["val"]
     by_type = test.get("mc_by_type", {})
+    groups, side = sq.FRAMES // sq.GROUP, sq.SIZE // 28  # 28 px = patch 14 x spatial merge 2
     lines = [
         "# tiny-qwen2_5_vl-synthqa",
         "",
@@ -673,7 +674,7 @@ def write_readme(dst: Path, summary: dict) -> Path:
         f"heads, MLP {sizes['intermediate']}, M-RoPE sections {sizes['mrope_section']}, rope θ {sizes['rope_theta']}; "
         f"vision tower: hidden {sizes['vision_hidden']}, {sizes['vision_depth']} blocks, patch 14, merge 2, "
         f"temporal patch 2, tokens_per_second {sizes['tokens_per_second']}. Weights stored as float16.",
-        f"* Visual tokens per clip: 128 (8 temporal groups x 4 x 4).",
+        f"* Visual tokens per clip: {groups * side * side} ({groups} temporal groups x {side} x {side}).",
         "",
         "## How it was made",
         "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
