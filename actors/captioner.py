@@ -149,14 +149,14 @@ class VideoCaptioner:
     @torch.inference_mode()
     def fastv_scores(self, enc, prompt: str) -> torch.Tensor:
         """FastV: attention of the last prompt token to each visual token at LLM layer 2 (costs a full prefill)."""
-        from actors.generation import _position_arg, left_pad
+        from actors.generation import position_arg, left_pad
         from actors.splice import PrunedVideo
 
         full = PrunedVideo(torch.arange(enc.embeds.shape[0], device=enc.embeds.device), enc.embeds,
                            enc.embeds.shape[0], None, 0.0, 1.0)
         seq = self.adapter.splice(enc, full, prompt)
         embeds, mask, positions = left_pad([seq])
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
                          output_attentions=True, use_cache=False, logits_to_keep=1)
         layer = min(1, len(out.attentions) - 1)
         ids = self.adapter.full_input_ids(enc, prompt)

@@ -27,7 +27,8 @@ class GenerationResult:
     new_tokens: int
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -48,7 +49,7 @@ def left_pad(seqs: list[SplicedSequence]) -> tuple[torch.Tensor, torch.Tensor, t
     return embeds, mask, positions
 
 
-def _position_arg(positions: torch.Tensor) -> torch.Tensor:
+def position_arg(positions: torch.Tensor) -> torch.Tensor:
     # 1-D RoPE LLMs (LLaVA-OneVision's Qwen2) take (B, L); Qwen2.5-VL's M-RoPE takes (3, B, L)
     return positions[0] if positions.shape[0] == 1 else positions
 
@@ -57,7 +58,7 @@ def _position_arg(positions: torch.Tensor) -> torch.Tensor:
 def prefill_logits(model, seqs: list[SplicedSequence]) -> torch.Tensor:
     """Logits of every position of the (left-padded) batch: what the equivalence tests compare."""
     embeds, mask, positions = left_pad(seqs)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions), use_cache=False)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions), use_cache=False)
     return out.logits
 
 
@@ -72,12 +73,12 @@ def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, 
     cache = DynamicCache(config=model.config.get_text_config())
     embed_tokens = model.get_input_embeddings()
 
-    _sync(device)
+    sync_device(device)
     t0 = clock()
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
                 cache=cache, use_cache=True, logits_to_keep=1)
     next_tok = out.logits[:, -1].argmax(-1)
-    _sync(device)
+    sync_device(device)
     t1 = clock()
 
     next_pos = positions.amax(dim=(0, 2)) + 1  # (B,) decoding continues after the full sequence's last position
@@ -94,10 +95,10 @@ def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, 
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_pos = next_pos.view(1, -1, 1).expand(positions.shape[0], -1, 1)
         out = model(inputs_embeds=embed_tokens(next_tok)[:, None], attention_mask=mask,
-                    position_ids=_position_arg(step_pos), cache=cache, use_cache=True)
+                    position_ids=position_arg(step_pos), cache=cache, use_cache=True)
         next_tok = out.logits[:, -1].argmax(-1)
         next_pos = next_pos + 1
-    _sync(device)
+    sync_device(device)
     t2 = clock()
 
     stacked = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in seqs]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.generation import sync_device
 from iwp import IWPSettings, PruneResult, TokenLayout, budget_for, prune_tokens, relative_residual
 
 
@@ -83,22 +84,17 @@ def layer_kv(language_model, embeds: torch.Tensor, layer: int = 0) -> tuple[torc
     return keys, values
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_scores: torch.Tensor | None = None
                 ) -> PrunedVideo:
     """Select the visual tokens the LLM will see; exact budget ceil(retention * N)."""
     n = video.embeds.shape[0]
     device = video.embeds.device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     if spec.method == "none":
         keep = torch.arange(n, device=device)
-        _sync(device)
+        sync_device(device)
         return PrunedVideo(keep, video.embeds, n, None, (time.perf_counter() - t0) * 1e3, 1.0)
     # K/V are cheap (one projection per token) and give every method a residual, not only IWP
     keys, values = layer_kv(language_model, video.embeds, spec.layer)
@@ -114,7 +110,7 @@ def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_sc
         retention = min(spec.max_retention, retention * 1.5)  # quality guard: grow the budget geometrically
     keep = result.keep.to(device)
     embeds = result.embeds if result.embeds is not None else video.embeds[keep]
-    _sync(device)
+    sync_device(device)
     prune_ms = (time.perf_counter() - t0) * 1e3
     residual = result.residual
     if residual is None:  # a fidelity signal for every method, computed outside the timed selection

@@ -4,7 +4,7 @@
 
 Run it on a schedule (RayCronJob, CronJob, cron + `ray job submit`). Each run:
 1. validates the config (exit 2 when it is bad);
-2. takes the lease OUT/_framescribe/lease.json (see jobs/lease.py). When another run holds it, this
+2. takes the lease OUT/_framescribe/lease.json (see pipeline/lease.py). When another run holds it, this
    run prints "another run holds the lease until ..." and exits 0, or waits with --wait-lease;
 3. runs the normal pipeline: its resume (by labeling hash) skips every (video, prompt) already
    committed, so only new videos are decoded and labeled. Error rows count as done (a broken file
@@ -28,8 +28,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from jobs.lease import Heartbeat, Lease
-from pipeline.cli import EXIT_CONFIG, EXIT_ERROR_RATIO, EXIT_FAILED, _config_params, console, print_summary
+from pipeline.lease import Heartbeat, Lease
+from pipeline.cli import EXIT_CONFIG, EXIT_ERROR_RATIO, EXIT_FAILED, config_params, console, print_summary
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.output import STATE_DIR
 from pipeline.storage import get_fs, join
@@ -140,7 +140,7 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
 
 
 incremental.__signature__ = inspect.Signature(
-    [p for n, p in inspect.signature(incremental).parameters.items() if n != "values"] + _config_params())
+    [p for n, p in inspect.signature(incremental).parameters.items() if n != "values"] + config_params())
 
 app = typer.Typer(add_completion=False)
 app.command()(incremental)

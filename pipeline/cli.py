@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import typer
+import typer.core
+import typer.main
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +34,7 @@ def _flag_type(annotation):
     return annotation
 
 
-def _config_params() -> list[inspect.Parameter]:
+def config_params() -> list[inspect.Parameter]:
     params = []
     for name, field in RunConfig.model_fields.items():
         ftype = _flag_type(field.annotation)
@@ -100,7 +102,7 @@ def run(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML
 
 
 run.__signature__ = inspect.Signature(
-    [inspect.signature(run).parameters["config"], *_config_params()])
+    [inspect.signature(run).parameters["config"], *config_params()])
 app.command("run")(run)
 
 
@@ -141,7 +143,7 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
     if shipped is not None:
         # the shipped tiny model knows only the synthetic QA world: label test clips of that world, sampled
         # the way it was trained (16 frames of 112x112), and show the reference caption beside its own
-        from jobs.synthetic_qa import write_demo_clips
+        from bench.synthetic_qa import write_demo_clips
 
         model = str(shipped)
         references = write_demo_clips(videos, n=4)
@@ -182,25 +184,30 @@ def _print_rows(output: str, references: dict[str, str] | None = None) -> None:
 
 from pipeline.submit import register as _register_submit  # noqa: E402  (`submit`, `job status|logs|stop|list`)
 
-_register_submit(app, _config_params)
+_register_submit(app, config_params)
 
-# `framescribe bench ...`: each benchmark lives in jobs/bench_<name>.py and exposes `command` (typer
-# options, heavy imports inside the function so the CLI starts fast). Add one with one line here.
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput.")
+# `framescribe bench ...`: each benchmark lives in bench/<module>.py and exposes `command` (typer options).
+# The modules are imported only when a bench command runs (or its help is shown): the CLI never needs them.
+BENCHMARKS = {"speed": "bench.speed", "pipeline": "bench.throughput", "quality": "bench.quality"}
+
+
+class _LazyBenchGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx):
+        return list(BENCHMARKS)
+
+    def get_command(self, ctx, name):
+        if name not in BENCHMARKS:
+            return None
+        import importlib
+
+        single = typer.Typer(add_completion=False)
+        single.command(name)(importlib.import_module(BENCHMARKS[name]).command)
+        return typer.main.get_command(single)
+
+
+bench_app = typer.Typer(cls=_LazyBenchGroup, add_completion=False, no_args_is_help=True,
+                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput, quality.")
 app.add_typer(bench_app, name="bench")
-
-from jobs import bench_speed as _bench_speed  # noqa: E402
-
-bench_app.command("speed")(_bench_speed.command)
-
-from jobs import bench_pipeline as _bench_pipeline  # noqa: E402
-
-bench_app.command("pipeline")(_bench_pipeline.command)
-
-from jobs import bench_quality as _bench_quality  # noqa: E402
-
-bench_app.command("quality")(_bench_quality.command)
 
 
 def main() -> None:

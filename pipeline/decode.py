@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import io
 import math
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from pipeline.decode_pool import ChildDied, ChildPool, ChildTimeout, ChildUnavailable
 
 ERROR_TYPES = ("not_found", "empty_file", "not_a_video", "no_video_stream", "corrupt", "decode_timeout",
                "clip_out_of_range", "read_error")
@@ -280,7 +279,7 @@ def _import_decord():
     return decord
 
 
-def _decord():
+def decord_module():
     global _decord_mod
     if _decord_mod is None:
         decord = _import_decord()
@@ -373,7 +372,7 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
     if size == 0:
         raise DecodeError("empty_file", f"{uri}: file is empty (0 bytes)")
 
-    decord = _decord()
+    decord = decord_module()
     tmp_path = None
     try:
         # Open the byte stream: local files by path (FFmpeg reads only the parts it needs); other
@@ -448,139 +447,15 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
 
 
 # ----------------------------------------------------------------------------------------------------
-# decode in a child process (timeout / crash protection)
+# decode in a child process (timeout / crash protection): pipeline.decode_pool runs it
 # ----------------------------------------------------------------------------------------------------
 
-def _set_parent_death_signal() -> None:
-    """Linux: die with the parent, so a hung decoder does not outlive a killed Ray worker."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _worker_main(conn) -> None:
-    _set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent
-    try:
-        _decord()
-    except Exception:
-        pass  # reported per task below
-    conn.send(("ready", None))
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        uri, spec, filesystem, data, hang = task
-        if hang:
-            while True:
-                time.sleep(3600)
-        try:
-            conn.send(("ok", _decode_in_process(uri, spec, filesystem, data)))
-        except DecodeError as e:
-            conn.send(("err", e))
-        except BaseException as e:  # anything unexpected still comes back as a DecodeError
-            conn.send(("err", DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}")))
-
-
-def _mp_context():
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
-class _Worker:
-    """One decode child process and the pipe to it."""
-
-    START_TIMEOUT_S = 120.0
-
-    def __init__(self):
-        ctx = _mp_context()
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="framescribe-decode")
-        self.proc.start()
-        child.close()
-        self.ready = False
-
-    def wait_ready(self) -> None:
-        if self.ready:
-            return
-        if not self.conn.poll(self.START_TIMEOUT_S):
-            raise RuntimeError("decode worker did not start")
-        msg = self.conn.recv()  # EOFError when it died while starting
-        if msg[0] != "ready":
-            raise RuntimeError(f"decode worker sent {msg[0]!r} instead of ready")
-        self.ready = True
-
-    def alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.join(5)
-        except Exception:
-            pass
-        try:
-            self.conn.close()
-        except Exception:
-            pass
-
-
-_POOL_LOCK = threading.Lock()
-_IDLE: list[_Worker] = []
-_POOL_PID: int | None = None
-_MAX_IDLE = 4
-
-
-def _acquire() -> _Worker:
-    global _POOL_PID
-    with _POOL_LOCK:
-        if _POOL_PID != os.getpid():  # a forked copy of this module must not share the parent's children
-            _IDLE.clear()
-            _POOL_PID = os.getpid()
-        while _IDLE:
-            w = _IDLE.pop()
-            if w.alive():
-                return w
-            w.kill()
-    return _Worker()
-
-
-def _release(w: _Worker) -> None:
-    with _POOL_LOCK:
-        if w.alive() and len(_IDLE) < _MAX_IDLE and _POOL_PID == os.getpid():
-            _IDLE.append(w)
-            return
-    w.kill()
-
-
-def _replace(w: _Worker) -> None:
-    """Kill a hung or dead worker and start its replacement now, so the next decode finds it warm."""
-    w.kill()
-    try:
-        _release(_Worker())
-    except Exception:
-        pass
+_POOL = ChildPool(warm_up=decord_module, name="framescribe-decode")
 
 
 def shutdown_decode_pool() -> None:
     """Stop the idle decode child processes (they also exit with this process)."""
-    with _POOL_LOCK:
-        workers, _IDLE[:] = list(_IDLE), []
-    for w in workers:
-        w.kill()
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    _POOL.shutdown()
 
 
 def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float) -> DecodedVideo:
@@ -596,53 +471,16 @@ def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float)
             raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
         filesystem = None
     hang_substr = os.environ.get(HANG_ENV)
-    hang = bool(hang_substr) and hang_substr in uri
-
-    for attempt in range(2):  # a second try only when an idle worker turned out to be dead
-        w = None
-        try:
-            w = _acquire()
-            w.wait_ready()
-        except Exception as e:
-            if w is not None:
-                w.kill()
-            if attempt == 0:
-                continue
-            raise DecodeError("read_error", f"{uri}: cannot start a decode process: {type(e).__name__}: {e}") from None
-        try:
-            w.conn.send((uri, spec, filesystem, data, hang))
-        except (BrokenPipeError, EOFError, OSError):
-            w.kill()
-            if attempt == 0:
-                continue
-            raise DecodeError("read_error", f"{uri}: decode process is not reachable") from None
-        except Exception as e:  # e.g. a filesystem object that cannot be pickled
-            _release(w)
-            raise DecodeError("read_error", f"{uri}: cannot send the task to the decode process: "
-                                            f"{type(e).__name__}: {e}") from None
-        break
-
     try:
-        done = w.conn.poll(timeout_s)
-    except (EOFError, OSError):
-        done = True
-    if not done:
-        _replace(w)
-        raise DecodeError("decode_timeout", f"{uri}: decoding took longer than {timeout_s:g}s; decoder process killed")
-    try:
-        status, payload = w.conn.recv()
-    except (EOFError, OSError):
-        w.proc.join(5)
-        how = _exit_reason(w.proc.exitcode)
-        _replace(w)
-        raise DecodeError("corrupt", f"{uri}: decoder crashed ({how})") from None
-    except Exception as e:  # a result that cannot be unpickled
-        _replace(w)
-        raise DecodeError("read_error", f"{uri}: bad reply from the decode process: {type(e).__name__}: {e}") from None
-    _release(w)
-    if status == "ok":
-        return payload
-    raise payload
+        return _POOL.call(_decode_in_process, (uri, spec, filesystem, data), timeout_s,
+                          hang=bool(hang_substr) and hang_substr in uri)
+    except ChildTimeout:
+        raise DecodeError("decode_timeout", f"{uri}: decoding took longer than {timeout_s:g}s; "
+                                            "decoder process killed") from None
+    except ChildDied as e:
+        raise DecodeError("corrupt", f"{uri}: decoder crashed ({e})") from None
+    except ChildUnavailable as e:
+        raise DecodeError("read_error", f"{uri}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _manifest_rows(cfg: RunConfig, fs, path: str) -> list[dict]:
     return [{"uri": ln.strip()} for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _resolve_relative(uri: str, manifest: str) -> str:
+def resolve_relative(uri: str, manifest: str) -> str:
     if "://" in uri or uri.startswith("/"):
         return uri
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
@@ -133,7 +133,7 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                     own += [qs] if isinstance(qs, str) else list(qs)
                 if row.get("question"):
                     own.append(row["question"])
-                inputs.append(VideoInput(_resolve_relative(str(row["uri"]), cfg.input), _prompt_pairs(own)))
+                inputs.append(VideoInput(resolve_relative(str(row["uri"]), cfg.input), _prompt_pairs(own)))
         elif any(c in path for c in "*?["):
             inputs = [VideoInput(_with_protocol(fs, p, cfg.input), _prompt_pairs(prompts))
                       for p in sorted(fs.glob(path)) if fs.isfile(p)]

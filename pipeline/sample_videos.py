@@ -17,7 +17,7 @@ import numpy as np
 SHAPE_COLOR = (230, 30, 30)
 
 # codec name -> (FFmpeg encoder, default suffix, pix_fmt for even sizes, pix_fmt for odd sizes or None)
-_CODECS = {
+CODECS = {
     "h264": ("libx264", ".mp4", "yuv420p", "yuv444p"),
     "hevc": ("libx265", ".mp4", "yuv420p", "yuv444p"),
     "vp9": ("libvpx-vp9", ".webm", "yuv420p", "yuv444p"),
@@ -31,7 +31,7 @@ def available_codecs() -> list[str]:
     """Codec names `write_video` can use with the installed PyAV build."""
     import av
 
-    return [name for name, (enc, *_rest) in _CODECS.items() if enc in av.codecs_available]
+    return [name for name, (enc, *_rest) in CODECS.items() if enc in av.codecs_available]
 
 
 def vfr_timestamps(n_frames: int, fps: float = 8) -> list[float]:
@@ -61,12 +61,12 @@ def write_video(path, frames: np.ndarray, fps: float = 8, codec: str = "h264", r
     """
     import av
 
-    if codec not in _CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(_CODECS)}")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty (T, H, W, 3) uint8 array, got {frames.shape} {frames.dtype}")
-    encoder, _, pix_even, pix_odd = _CODECS[codec]
+    encoder, _, pix_even, pix_odd = CODECS[codec]
     if encoder not in av.codecs_available:
         raise ValueError(f"codec {codec!r} needs the {encoder} encoder, which this PyAV build lacks")
     path = Path(path)
@@ -141,7 +141,7 @@ def make_demo_videos(out_dir, n: int = 4, seed: int = 0) -> list[Path]:
     paths = []
     for i in range(n):
         codec = codecs[i % len(codecs)]
-        suffix = _CODECS[codec][1]
+        suffix = CODECS[codec][1]
         frames = make_moving_shapes(16, 128, 128, seed=seed + i)
         paths.append(write_video(out_dir / f"demo_{i:02d}_{codec}{suffix}", frames, fps=8, codec=codec))
     return paths

@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 
 def test_bench_decode_memory_quick_writes_table_csv_and_png(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jobs.bench_decode_memory", "--out", str(tmp_path), "--quick"],
+    r = subprocess.run([sys.executable, "-m", "bench.decode_memory", "--out", str(tmp_path), "--quick"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "peak RSS" in r.stdout
@@ -23,7 +23,7 @@ def test_bench_decode_memory_quick_writes_table_csv_and_png(tmp_path):
 
 
 def test_decoder_import_skips_cuda_libraries():
-    code = ("from pipeline.decode import _decord; _decord(); import sys; "
+    code = ("from pipeline.decode import decord_module; decord_module(); import sys; "
             "maps = open('/proc/self/maps').read(); "
             "print('cublas' in maps or 'cudnn' in maps, 'nvidia' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

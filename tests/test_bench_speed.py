@@ -16,7 +16,7 @@ def _rows(path):
 
 
 def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
-    from jobs.bench_speed import CSV_COLUMNS
+    from bench.speed import CSV_COLUMNS
 
     out = tmp_path / "speed"
     r = run_cli("bench", "speed", "--size", "tiny", "--frames", "4", "--batch-size", "2", "--retentions", "1,0.25",
@@ -41,7 +41,7 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
 
 
 def test_bench_speed_llava_batched_prune_and_layer_override(tmp_path):
-    from jobs.bench_speed import CSV_COLUMNS, SpeedConfig, run_speed
+    from bench.speed import CSV_COLUMNS, SpeedConfig, run_speed
 
     cfg = SpeedConfig(arch="llava_onevision", size="tiny", frames=3, batch_size=2, retentions=(0.5, 0.25),
                       prune_modes=("per_video", "batched"), max_new_tokens=2, repeats=1, warmup=0, layers=1,
@@ -58,7 +58,7 @@ def test_bench_speed_llava_batched_prune_and_layer_override(tmp_path):
 
 
 def test_bench_speed_rejects_bad_options(tmp_path):
-    from jobs.bench_speed import SpeedConfig
+    from bench.speed import SpeedConfig
 
     with pytest.raises(ValueError, match="fastv"):
         SpeedConfig(pruners=("fastv",))
@@ -71,7 +71,7 @@ def test_bench_speed_rejects_bad_options(tmp_path):
 
 
 def test_model_shapes_match_the_published_configs():
-    from jobs.model_shapes import get_shape
+    from bench.model_shapes import get_shape
 
     q7, q3 = get_shape("qwen2_5_vl", "7b"), get_shape("qwen2_5_vl", "3b")
     assert (q7.text.hidden, q7.text.layers, q7.text.heads, q7.text.kv_heads, q7.text.intermediate) == (
@@ -83,7 +83,7 @@ def test_model_shapes_match_the_published_configs():
 
 @pytest.mark.slow
 def test_bench_pipeline_cli_writes_csv_png_with_busy_fraction(tmp_path):
-    from jobs.bench_pipeline import CSV_COLUMNS
+    from bench.throughput import CSV_COLUMNS
 
     out = tmp_path / "out"
     r = run_cli("bench", "pipeline", "--videos", "4", "--video-frames", "8", "--video-size", "64", "--frames", "4",

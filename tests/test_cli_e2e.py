@@ -110,7 +110,7 @@ def test_demo_captions_describe_its_clips(tmp_path):
     from pathlib import Path
 
     from actors.assets import shipped_synthqa_model
-    from jobs import synthetic_qa as sq
+    from bench import synthetic_qa as sq
     from pipeline.output import read_rows
 
     if shipped_synthqa_model() is None:

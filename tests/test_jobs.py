@@ -203,7 +203,7 @@ def _state(out: Path) -> dict:
 
 
 def _plant_lease(out: Path, owner: str, expires_in: float) -> None:
-    from jobs.lease import LeaseInfo
+    from pipeline.lease import LeaseInfo
 
     now = time.time()
     (out / "_framescribe").mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,7 @@ class _Clock:
 
 
 def test_lease_local_exclusive_renew_expire_release(tmp_path):
-    from jobs.lease import Lease
+    from pipeline.lease import Lease
 
     clock = _Clock()
     a = Lease(str(tmp_path), ttl_s=60, owner="a", clock=clock)
@@ -306,7 +306,7 @@ def test_lease_local_exclusive_renew_expire_release(tmp_path):
 
 
 def test_lease_on_s3_uses_conditional_writes(s3):
-    from jobs.lease import Lease
+    from pipeline.lease import Lease
 
     bucket = s3.new_bucket()
     clock = _Clock()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs import synthetic_qa as sq
+from bench import synthetic_qa as sq
 
 SHIPPED = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
 
@@ -80,7 +80,7 @@ def test_write_split_manifest(tmp_path):
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert rows and all(set(r) >= {"uri", "question", "options", "answer", "qtype"} for r in rows)
     assert all((tmp_path / r["uri"]).is_file() for r in rows)
-    from jobs.eval_manifest import load_items
+    from bench.eval_manifest import load_items
 
     items = load_items(str(manifest))
     clip = sq.make_clip("test", 0)
@@ -89,8 +89,8 @@ def test_write_split_manifest(tmp_path):
 
 
 def test_eval_manifest_scoring_and_converters(tmp_path):
-    from jobs.convert_mcq import convert_mvbench, convert_videomme, write_manifest
-    from jobs.eval_manifest import EvalItem, is_correct, load_items, resolve_answer
+    from bench.convert_mcq import convert_mvbench, convert_videomme, write_manifest
+    from bench.eval_manifest import EvalItem, is_correct, load_items, resolve_answer
 
     task = tmp_path / "action_sequence.json"
     task.write_text(json.dumps([{"video": "v1.mp4", "question": "What did the person do first?",
@@ -115,7 +115,7 @@ def test_eval_manifest_scoring_and_converters(tmp_path):
 @pytest.mark.slow
 def test_eval_manifest_runs_the_pipeline(tmp_path, tiny_qwen):
     """manifest → a real labeling run per case → rows joined back to the questions and scored."""
-    from jobs.eval_manifest import evaluate
+    from bench.eval_manifest import evaluate
 
     manifest = sq.write_split(tmp_path / "data", "test", 2)
     n_questions = len(manifest.read_text().splitlines())
@@ -143,7 +143,7 @@ def test_bench_quality_smoke(tmp_path, qa_model_dir):
     import typer
     from typer.testing import CliRunner
 
-    from jobs.bench_quality import command
+    from bench.quality import command
 
     app = typer.Typer()  # the command `framescribe bench quality` registers, without the rest of the CLI
     app.command()(command)
@@ -167,7 +167,7 @@ def test_bench_quality_smoke(tmp_path, qa_model_dir):
 
 
 def test_fidelity_is_zero_when_nothing_is_pruned(qa_model_dir):
-    from jobs.bench_quality import fidelity_rows, load_qa
+    from bench.quality import fidelity_rows, load_qa
     from iwp import IWPSettings
 
     qa = load_qa(str(qa_model_dir))
@@ -185,7 +185,7 @@ def test_shipped_model_answers_test_questions():
     evaluation questions of the test split, and option log-likelihood at least as good; the README next to the
     weights states the accuracy it was measured at."""
     from actors.splice import PruneSpec
-    from jobs.qa_scoring import QAItem, QAModel, answer_items
+    from bench.qa_scoring import QAItem, QAModel, answer_items
 
     qa = QAModel.load(str(SHIPPED))
     clips = [sq.make_clip("test", i) for i in range(24)]

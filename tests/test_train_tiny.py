@@ -1,4 +1,4 @@
-"""`jobs.train_tiny`: the per-token training labels say what the clip shows, and a short training run is a
+"""`bench.train_tiny`: the per-token training labels say what the clip shows, and a short training run is a
 normal, loadable model directory that the same seed reproduces exactly."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import synthetic_qa as sq
+from bench import synthetic_qa as sq
 from jobs import train_tiny as tt
 
 PER_GROUP = (sq.SIZE // 28) ** 2
@@ -68,7 +68,7 @@ def _short_run(out, seed: int = 0) -> dict:
 
 def test_short_training_run_is_a_loadable_reproducible_model(tmp_path):
     from actors.splice import PruneSpec
-    from jobs.qa_scoring import QAItem, QAModel, answer_items
+    from bench.qa_scoring import QAItem, QAModel, answer_items
 
     a = _short_run(tmp_path / "a")
     b = _short_run(tmp_path / "b")

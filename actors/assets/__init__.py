@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# A tiny Qwen2.5-VL trained on the synthetic temporal video-QA set (`jobs.train_tiny`); see its README.md.
+# A tiny Qwen2.5-VL trained on the synthetic temporal video-QA set (`bench.train_tiny`); see its README.md.
 SYNTHQA_MODEL = Path(__file__).resolve().parent / "tiny-qwen2_5_vl-synthqa"
 
 

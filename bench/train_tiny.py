@@ -1,6 +1,6 @@
 """Train a tiny Qwen2.5-VL (the real architecture, small sizes) on the synthetic temporal video-QA set.
 
-    python -m jobs.train_tiny --out DIR --seed 0
+    python -m bench.train_tiny --out DIR --seed 0
 
 CPU only, `torch.set_num_threads(2)`. Teacher forcing with the loss on the answer tokens (+ end of
 turn) only. The training sequences are built exactly like the pipeline builds them at inference:
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs import synthetic_qa as sq
+from bench import synthetic_qa as sq
 
 
 @dataclass(frozen=True)
@@ -457,7 +457,7 @@ def evaluate(model, processor, split: str, n: int, seed: int = 0, per_clip: int 
              loglik: bool = True, log=None) -> dict:
     """Unpruned accuracy through the pipeline path (adapter.encode → splice → greedy_generate)."""
     from actors.splice import PruneSpec
-    from jobs.qa_scoring import QAItem, QAModel, answer_items
+    from bench.qa_scoring import QAItem, QAModel, answer_items
 
     model.eval()
     qa = QAModel(model, processor, max_new_tokens=8)
@@ -609,7 +609,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
                "caption_prob": caption_prob, "sizes": asdict(sizes), "train_seconds": round(train_s, 1),
                "train_cpu_seconds": round(train_cpu, 1),
                "threads": threads, "torch": torch.__version__, "val": val, "test": test, "history": history,
-               "command": "python -m jobs.train_tiny " + " ".join(sys.argv[1:])}
+               "command": "python -m bench.train_tiny " + " ".join(sys.argv[1:])}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     logf.close()
     return summary
@@ -665,7 +665,7 @@ def write_readme(dst: Path, summary: dict) -> Path:
         "# tiny-qwen2_5_vl-synthqa",
         "",
         "A tiny Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, the real architecture at small sizes) trained "
-        "from random initialisation on the synthetic temporal video-QA set of `jobs/synthetic_qa.py`. It is "
+        "from random initialisation on the synthetic temporal video-QA set of `bench/synthetic_qa.py`. It is "
         "the default model of `framescribe demo` and of `framescribe bench quality`. It knows only the "
         "synthetic world (moving coloured shapes over textured, static or panning backgrounds; 16 frames of "
         "112x112 at 8 fps) and the word-level tokenizer of `actors/tiny_model.py`.",

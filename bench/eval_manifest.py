@@ -26,10 +26,10 @@ prints) into `OUT/runs/P@R/`, joins the rows on (uri, prompt) and scores them: a
 equals the answer after normalisation, or names exactly the correct option (by text or letter).
 Results: `OUT/eval_accuracy.csv`, `OUT/eval_by_type.csv`, `OUT/eval_results.jsonl`, `OUT/eval.md`.
 
-    python -m jobs.eval_manifest MANIFEST --model DIR --methods none,iwp,random --retentions 1,0.25,0.1 --out OUT
+    python -m bench.eval_manifest MANIFEST --model DIR --methods none,iwp,random --retentions 1,0.25,0.1 --out OUT
 
-See `jobs/convert_mcq.py` to make a manifest from an MVBench / Video-MME style multiple-choice layout, and
-`python -m jobs.synthetic_qa OUT test 50` for a synthetic one.
+See `bench/convert_mcq.py` to make a manifest from an MVBench / Video-MME style multiple-choice layout, and
+`python -m bench.synthetic_qa OUT test 50` for a synthetic one.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def format_prompt(question: str, options: list[str], template: str) -> str:
 
 
 def load_items(manifest: str, template: str = DEFAULT_TEMPLATE) -> list[EvalItem]:
-    from pipeline.discover import _resolve_relative
+    from pipeline.discover import resolve_relative
 
     items = []
     for i, row in enumerate(read_manifest(manifest), 1):
@@ -97,7 +97,7 @@ def load_items(manifest: str, template: str = DEFAULT_TEMPLATE) -> list[EvalItem
         options = [str(o) for o in (row.get("options") or [])]
         uri = str(row["uri"])
         if "://" not in uri and not uri.startswith("/"):
-            uri = str(Path(_resolve_relative(uri, str(Path(manifest).resolve()))))
+            uri = str(Path(resolve_relative(uri, str(Path(manifest).resolve()))))
         extra = {k: v for k, v in row.items() if k not in ("uri", "question", "options", "answer")}
         items.append(EvalItem(uri=uri, question=str(row["question"]), answer=resolve_answer(row["answer"], options),
                               prompt=format_prompt(str(row["question"]), options, template), options=options,
@@ -106,7 +106,7 @@ def load_items(manifest: str, template: str = DEFAULT_TEMPLATE) -> list[EvalItem
 
 
 def is_correct(text: Optional[str], item: EvalItem) -> bool:
-    from jobs.qa_scoring import match_option, normalize_answer
+    from bench.qa_scoring import match_option, normalize_answer
 
     if normalize_answer(text) == normalize_answer(item.answer):
         return True
@@ -221,7 +221,7 @@ def _write(outp: Path, results: list[dict], details: list[dict]) -> None:
 
 
 def markdown_table(results: list[dict]) -> str:
-    from jobs.bench_quality import accuracy_table
+    from bench.quality import accuracy_table
 
     return accuracy_table([{**r, "loglik_accuracy": None} for r in results], "accuracy")
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     model = a.model
     if model is None:
-        from jobs.bench_quality import default_model
+        from bench.quality import default_model
 
         model = default_model()
     res = evaluate(a.manifest, model=model, out=a.out, methods=[m.strip() for m in a.methods.split(",") if m.strip()],

@@ -1,4 +1,4 @@
-"""Convert a multiple-choice video-QA benchmark layout to the `jobs.eval_manifest` manifest format.
+"""Convert a multiple-choice video-QA benchmark layout to the `bench.eval_manifest` manifest format.
 
 Output: one JSON object per line, `{"uri", "question", "options", "answer", "qtype", "id", ...}`, where
 `answer` is the correct option's TEXT (letters are resolved) and `uri` is the video path under
@@ -15,10 +15,10 @@ Supported layouts:
   `task_type`, `question`, `options` (`["A. ...", "B. ...", ...]`) and `answer` (a letter); videos are
   `--video-root/<videoID>.mp4`. The "A. " prefixes are stripped from the options.
 
-    python -m jobs.convert_mcq mvbench json/action_sequence.json json/object_shuffle.json \\
+    python -m bench.convert_mcq mvbench json/action_sequence.json json/object_shuffle.json \\
         --video-root /data/mvbench/video --out mvbench.jsonl
-    python -m jobs.convert_mcq videomme videomme/test.parquet --video-root /data/videomme/data --out vmme.jsonl
-    python -m jobs.eval_manifest mvbench.jsonl --model DIR --prompt-template \\
+    python -m bench.convert_mcq videomme videomme/test.parquet --video-root /data/videomme/data --out vmme.jsonl
+    python -m bench.eval_manifest mvbench.jsonl --model DIR --prompt-template \\
         "Question: {question} Options: {letters} Answer with the option's letter." --methods none,iwp
 
 Per-question clip bounds (MVBench `start`/`end`) are kept as fields in the manifest; the pipeline samples

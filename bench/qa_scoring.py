@@ -68,13 +68,13 @@ class QAModel:
     @torch.inference_mode()
     def fastv_scores(self, enc: EncodedVideo, prompt: str) -> torch.Tensor:
         """Mirror of `VideoCaptioner.fastv_scores`: last prompt token's attention to the video at LLM layer 2."""
-        from actors.generation import _position_arg, left_pad
+        from actors.generation import position_arg, left_pad
 
         n = enc.embeds.shape[0]
         full = PrunedVideo(torch.arange(n), enc.embeds, n, None, 0.0, 1.0)
         seq = self.adapter.splice(enc, full, prompt)
         embeds, mask, positions = left_pad([seq])
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=_position_arg(positions),
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
                          output_attentions=True, use_cache=False, logits_to_keep=1)
         layer = min(1, len(out.attentions) - 1)
         ids = self.adapter.full_input_ids(enc, prompt)

@@ -1,6 +1,6 @@
 """`framescribe bench speed`: where the time goes with and without visual-token pruning, in ONE run.
 
-For one model shape (random weights built from the published config, see `jobs.model_shapes`) and a
+For one model shape (random weights built from the published config, see `bench.model_shapes`) and a
 batch of synthetic videos, every case — the unpruned model (pruner "none") and each pruner × retention —
 runs the captioning path the model actor runs: encode (processor + vision tower + merger) → prune →
 splice → batched prefill → greedy decode of exactly `max_new_tokens` tokens (EOS disabled, so every
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from actors.generation import sync_device
 
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.10)
 PROMPT = "Describe this video."
@@ -127,12 +129,6 @@ def cases_for(cfg: SpeedConfig) -> list[Case]:
 
 # ---------------------------------------------------------------- measurement helpers
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def reset_peak(device) -> None:
     """Start a peak-memory window: CUDA allocator peak, or the process's peak RSS (Linux clear_refs)."""
@@ -164,7 +160,7 @@ def peak_mb(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_max_rss_process"
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         # "-dirty": the working tree had uncommitted changes (other engineers' or the benchmark's own)
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
@@ -188,7 +184,7 @@ def prune_batched(encoded, spec, language_model):
     import torch
     from dataclasses import replace as dc_replace
 
-    from actors.splice import PrunedVideo, _sync as sync_dev, layer_kv
+    from actors.splice import PrunedVideo, layer_kv
     from iwp import budget_for, relative_residual, select_tokens_pcmmr_batch
     from iwp.baselines import IWP_VARIANTS
 
@@ -197,7 +193,7 @@ def prune_batched(encoded, spec, language_model):
     device = encoded[0].embeds.device
     settings = dc_replace(spec.settings, **IWP_VARIANTS[spec.method])
     with torch.inference_mode():
-        sync_dev(device)
+        sync_device(device)
         t0 = time.perf_counter()
         sizes = [v.embeds.shape[0] for v in encoded]
         keys, values = layer_kv(language_model, torch.cat([v.embeds for v in encoded]), spec.layer)
@@ -209,7 +205,7 @@ def prune_batched(encoded, spec, language_model):
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             residual = relative_residual(k, val, keep, settings, generator=generator)
             out.append(PrunedVideo(keep, v.embeds[keep], v.embeds.shape[0], residual, 0.0, spec.retention))
-        sync_dev(device)
+        sync_device(device)
         ms = (time.perf_counter() - t0) * 1e3
     for p in out:
         p.prune_ms = ms / len(out)
@@ -227,31 +223,31 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
     device = built.device
     spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed)
     # the processor's share of the vision time, timed on its own (outside the end-to-end pass)
-    _sync(device)
+    sync_device(device)
     tp = clock()
     adapter.preprocess(videos)
-    _sync(device)
+    sync_device(device)
     preprocess_ms = (clock() - tp) * 1e3
     reset_peak(device)
-    _sync(device)
+    sync_device(device)
     t0 = clock()
     with torch.inference_mode():
         encoded = adapter.encode(videos, timestamps)
-        _sync(device)
+        sync_device(device)
         t1 = clock()
         if case.prune_mode == "batched" and case.pruner != "none":
             pruned = prune_batched(encoded, spec, adapter.language_model)
         else:
             pruned = [prune_video(v, spec, adapter.language_model) for v in encoded]
-        _sync(device)
+        sync_device(device)
         t2 = clock()
         seqs = [adapter.splice(v, p, PROMPT) for v, p in zip(encoded, pruned)]
-        _sync(device)
+        sync_device(device)
         t3 = clock()
         # EOS disabled (-1 is never generated): every case decodes exactly max_new_tokens tokens
         gen = greedy_generate(built.model, seqs, max_new_tokens=max_new_tokens, eos_token_ids={-1},
                               pad_token_id=adapter.tokenizer.pad_token_id or 0, clock=clock)
-        _sync(device)
+        sync_device(device)
         t4 = clock()
     peak, kind = peak_mb(device)
     steps = max(0, gen.new_tokens - 1)  # the first token comes out of the prefill
@@ -298,7 +294,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     base_info = {**built.describe(), "source": built.shape.source, "threads": cfg.threads or "", "clock": cfg.clock,
                  "frames": cfg.frames, "resolution": resolution, "batch_size": cfg.batch_size,
                  "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
-                 "load_avg": round(os.getloadavg()[0], 2), "commit": _commit(),
+                 "load_avg": round(os.getloadavg()[0], 2), "commit": git_commit(),
                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if built.device.type == "cpu":
         import torch
@@ -340,7 +336,7 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
     import torch
 
     from actors.loading import make_adapter, pick_device, pick_dtype
-    from jobs.model_shapes import build_model, get_shape
+    from bench.model_shapes import build_model, get_shape
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -507,7 +503,7 @@ def command(
                           prune_modes=_names(prune_modes), max_new_tokens=max_new_tokens, repeats=repeats,
                           warmup=warmup, layers=layers, vision_layers=vision_layers, threads=threads, attn=attn,
                           clock=clock, out=out, seed=seed)
-        from jobs.model_shapes import get_shape
+        from bench.model_shapes import get_shape
 
         get_shape(arch, size)
     except ValueError as e:

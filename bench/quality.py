@@ -3,8 +3,8 @@
 Two measurements, both through the pipeline's own seam (adapter.encode → prune_video → adapter.splice →
 greedy_generate / prefill):
 
-1. **Accuracy** on the synthetic temporal video-QA test split (`jobs.synthetic_qa`) with the trained tiny
-   Qwen2.5-VL (`jobs.train_tiny`; the shipped one by default): every pruner × retention answers the same
+1. **Accuracy** on the synthetic temporal video-QA test split (`bench.synthetic_qa`) with the trained tiny
+   Qwen2.5-VL (`bench.train_tiny`; the shipped one by default): every pruner × retention answers the same
    questions about the same clips with the same seeds. Two scores: greedy exact match (what the pipeline
    writes) and option log-likelihood.
 2. **Fidelity**: relative error ‖x_pruned − x_full‖ / ‖x_full‖ of every LLM layer's attention output and
@@ -89,7 +89,7 @@ class QualityConfig:
 def default_model() -> str:
     if (SHIPPED_MODEL / "config.json").is_file():
         return str(SHIPPED_MODEL)
-    raise FileNotFoundError(f"no trained model at {SHIPPED_MODEL}; train one with `python -m jobs.train_tiny "
+    raise FileNotFoundError(f"no trained model at {SHIPPED_MODEL}; train one with `python -m bench.train_tiny "
                             f"--out DIR` and pass --model DIR")
 
 
@@ -108,7 +108,7 @@ def _cases(methods, retentions) -> list[tuple[str, float]]:
 def load_qa(path: str, threads: Optional[int] = None):
     import torch
 
-    from jobs.qa_scoring import QAModel
+    from bench.qa_scoring import QAModel
 
     if threads:
         torch.set_num_threads(threads)
@@ -118,8 +118,8 @@ def load_qa(path: str, threads: Optional[int] = None):
 
 def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chunk: int = 16):
     """(encoded videos, QA items) for clips 0..n-1 of `split`."""
-    from jobs import synthetic_qa as sq
-    from jobs.qa_scoring import QAItem
+    from bench import synthetic_qa as sq
+    from bench.qa_scoring import QAItem
 
     encoded, items = [], []
     for s in range(0, n, chunk):
@@ -132,7 +132,7 @@ def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chu
 
 def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> tuple[list[dict], list[dict]]:
     from actors.splice import PruneSpec
-    from jobs.qa_scoring import answer_items
+    from bench.qa_scoring import answer_items
 
     rows, by_type = [], []
     for method, r in cases:
@@ -356,8 +356,8 @@ def natural_clip(seed: int, size: int = 168, frames: int = 16) -> np.ndarray:
 def big_model_fidelity(cfg: QualityConfig, cases, settings, log=print) -> list[dict]:
     import torch
 
-    from jobs.model_shapes import build_model
-    from jobs.qa_scoring import QAModel
+    from bench.model_shapes import build_model
+    from bench.qa_scoring import QAModel
 
     log(f"building a random-weight Qwen2.5-VL-7B-shaped model with {cfg.big_layers} LLM layers and "
         f"{cfg.big_layers} vision blocks (CPU, float32) ...")

@@ -104,7 +104,7 @@ def model_dir(cfg: PipelineBenchConfig) -> Path:
         return make_tiny_model(path, cfg.arch)
     import torch
 
-    from jobs.model_shapes import build_model
+    from bench.model_shapes import build_model
 
     # random weights: built where they will run (bf16 on a GPU), saved once for the actors to load
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -273,7 +273,7 @@ def bench_full_pipeline(cfg: PipelineBenchConfig, folder: Path, model: Path, loa
 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig, *, log=print) -> tuple[list[dict], Path, Path]:
-    from jobs.bench_speed import _commit
+    from bench.speed import git_commit
 
     folder = make_video_folder(cfg)
     model = model_dir(cfg)
@@ -288,7 +288,7 @@ def run_pipeline_bench(cfg: PipelineBenchConfig, *, log=print) -> tuple[list[dic
               "size": cfg.size if not cfg.model else "",
               "layers": cfg.layers or "", "device": device, "pruner": cfg.pruner, "retention": cfg.retention,
               "max_new_tokens": cfg.max_new_tokens, "model_load_s": round(load_s, 3),
-              "load_avg": round(os.getloadavg()[0], 2), "commit": _commit(),
+              "load_avg": round(os.getloadavg()[0], 2), "commit": git_commit(),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     best_model_only = {r["batch_size"]: r["videos_per_s"] for r in model_only}
     rows = []

@@ -1,7 +1,7 @@
 """Decode memory benchmark: peak RSS of decoding a fixed number of frames from a long and a short video.
 
-    python -m jobs.bench_decode_memory --out DIR            # 10-minute 720p video (+ a 10 s one)
-    python -m jobs.bench_decode_memory --out DIR --quick    # tiny variant (smoke test)
+    python -m bench.decode_memory --out DIR            # 10-minute 720p video (+ a 10 s one)
+    python -m bench.decode_memory --out DIR --quick    # tiny variant (smoke test)
 
 Writes the videos once (PyAV, libx264, low frame rate, simple moving-box frames generated one at a
 time, so writing needs little memory), then decodes each (video, frame count, read mode) in a fresh
@@ -84,9 +84,9 @@ def child(video: str, frames: int, mode: str, max_pixels: int) -> dict:
     """Runs in a fresh process: decode once, report peak RSS."""
     import PIL.Image  # noqa: F401  (resize_to_budget)
 
-    from pipeline.decode import DecodeError, SamplingSpec, _decord, decode_video
+    from pipeline.decode import DecodeError, SamplingSpec, decord_module, decode_video
 
-    _decord()  # the baseline includes the decoder library: what is left is the decode itself
+    decord_module()  # the baseline includes the decoder library: what is left is the decode itself
     spec = SamplingSpec(num_frames=frames, max_pixels=max_pixels)
     filesystem, uri = None, video
     if mode == "stream":
@@ -109,7 +109,7 @@ def child(video: str, frames: int, mode: str, max_pixels: int) -> dict:
 
 
 def measure(video: Path, frames: int, mode: str, max_pixels: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "jobs.bench_decode_memory", "--child", str(video),
+    r = subprocess.run([sys.executable, "-m", "bench.decode_memory", "--child", str(video),
                         "--frames", str(frames), "--modes", mode, "--max-pixels", str(max_pixels)],
                        capture_output=True, text=True, timeout=1800,
                        cwd=str(Path(__file__).resolve().parents[1]))

@@ -433,7 +433,7 @@ def answer_words() -> set[str]:
 def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_clip: int = 3,
                 codec: str = "h264") -> Path:
     """Write `n` clips of `split` as video files plus `manifest.jsonl` (one line per question, the
-    `jobs.eval_manifest` format: uri, question, options, answer, qtype) and `clips.jsonl` (objects,
+    `bench.eval_manifest` format: uri, question, options, answer, qtype) and `clips.jsonl` (objects,
     caption). Returns the manifest path (uris relative to it). The question is the bare question: the
     eval harness's default prompt template adds the options the way `Question.prompt("mc")` does."""
     from pipeline.sample_videos import write_video
@@ -457,7 +457,7 @@ def write_split(out_dir: str | Path, split: str, n: int, *, seed: int = 0, per_c
 def write_demo_clips(out_dir: str | Path, n: int = 4, *, seed: int = 0) -> dict[str, str]:
     """The first `n` test clips as video files, cycling through the codecs PyAV can write here; returns
     {file name: reference caption} (what `framescribe demo` shows next to the model's caption)."""
-    from pipeline.sample_videos import _CODECS, available_codecs, write_video
+    from pipeline.sample_videos import CODECS, available_codecs, write_video
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -466,13 +466,13 @@ def write_demo_clips(out_dir: str | Path, n: int = 4, *, seed: int = 0) -> dict[
     for i in range(n):
         clip = make_clip("test", i, seed)
         codec = codecs[i % len(codecs)]
-        name = f"{clip.clip_id}_{codec}{_CODECS[codec][1]}"
+        name = f"{clip.clip_id}_{codec}{CODECS[codec][1]}"
         write_video(out / name, clip.frames, fps=FPS, codec=codec)
         refs[name] = clip.caption
     return refs
 
 
-if __name__ == "__main__":  # python -m jobs.synthetic_qa OUT_DIR [split] [n]
+if __name__ == "__main__":  # python -m bench.synthetic_qa OUT_DIR [split] [n]
     import sys
 
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "synthqa"
