@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,9 +26,44 @@ OUTPUT_SCHEMA = pa.schema([
     ("decode_ms", pa.float64()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("created_at", pa.timestamp("us", tz="UTC")), ("schema_version", pa.int32()),
 ])
 STATE_DIR = "_framescribe"  # run summaries; the leading underscore keeps it out of dataset readers
+# What identifies a row (video_id, labeling_hash inputs, uri form). 1 = rows written before it was
+# recorded (null in the column); 2 = canonical uri, video_id from the path relative to the input root,
+# labeling hash over normalised values. README "Versioning" says what an upgrade does to old rows.
+SCHEMA_VERSION = 2
+# The only files framescribe writes at the top of an output, besides STATE_DIR: everything else is the user's.
+PART_RE = re.compile(r"part-[0-9a-f]{24}\.parquet")
+TMP_RE = re.compile(r"_tmp-[0-9a-f]{32}\.inprogress")
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def own_parts(fs, root: str) -> list[str]:
+    """The Parquet parts framescribe wrote under `root` (by name pattern), sorted."""
+    return sorted(p for p in fs.glob(join(root, "part-*.parquet")) if PART_RE.fullmatch(basename(p)))
+
+
+def own_tmp(fs, root: str) -> list[str]:
+    return sorted(p for p in fs.glob(join(root, "_tmp-*.inprogress")) if TMP_RE.fullmatch(basename(p)))
+
+
+def foreign_parquet(fs, root: str, limit: int = 5) -> list[str]:
+    """Parquet files under `root` that framescribe did not write (they would join the dataset of a reader
+    such as `read_parquet('OUT/**/*.parquet')`), at most `limit`."""
+    found = []
+    for p in sorted(fs.find(root)):
+        rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/") + "/") else basename(p)
+        if rel.startswith(STATE_DIR + "/") or not rel.lower().endswith(".parquet"):
+            continue
+        if "/" in rel or not PART_RE.fullmatch(rel):
+            found.append(p)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -83,10 +119,11 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
     """Every committed row under `output` (empty table with the schema when there is none)."""
     fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
     fs.invalidate_cache(root)  # object stores: parts written by other processes since the last listing
-    if not fs.exists(root) or not fs.glob(join(root, "*.parquet")):
+    parts = own_parts(fs, root) if fs.exists(root) else []
+    if not parts:  # only framescribe's parts: a user's files in the folder are never read
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
-    ds = pads.dataset(root, format="parquet", filesystem=_arrow_fs(fs), schema=OUTPUT_SCHEMA)
+    ds = pads.dataset(parts, format="parquet", filesystem=_arrow_fs(fs), schema=OUTPUT_SCHEMA)
     return ds.to_table(columns=columns)
 
 
@@ -130,7 +167,7 @@ def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
 
 def _remove_stale_tmp(fs, root: str, older_than_s: float) -> int:
     now, removed = datetime.now(timezone.utc), 0
-    for p in fs.glob(join(root, "_tmp-*.inprogress")):
+    for p in own_tmp(fs, root):
         try:
             modified = fs.modified(p)
             if modified.tzinfo is None:
@@ -161,7 +198,7 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
     if not fs.exists(root):
         return report
     report.stale_tmp_removed = _remove_stale_tmp(fs, root, stale_tmp_s)
-    parts = sorted(fs.glob(join(root, "*.parquet")))
+    parts = own_parts(fs, root)  # never a user's file
     if len(parts) == 0:
         return report
     from concurrent.futures import ThreadPoolExecutor
@@ -208,11 +245,45 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
         full = conform(_read_part(fs, parts[i]))
         mask = pa.array([j not in rows for j in range(full.num_rows)])
         new_path = write_part(full.filter(mask), output, s3_endpoint=s3_endpoint, anon=anon)
-        if new_path.rstrip("/").rsplit("/", 1)[-1] != parts[i].rstrip("/").rsplit("/", 1)[-1]:
+        if basename(new_path) != basename(parts[i]):
             fs.rm_file(parts[i])
         report.parts_rewritten += 1
     return report
 
 
-__all__ = ["OUTPUT_SCHEMA", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
+def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, key_for_uri,
+                        s3_endpoint: str | None = None, anon: bool = False) -> int:
+    """Bring rows of schema version 1 (no `schema_version`) written with this labeling config (its old
+    `legacy_hash`) to the current identity: canonical `uri`, `video_id` from `key_for_uri(uri)` ->
+    (canonical uri, key), the new `labeling_hash`. Each touched part is rewritten atomically under a new
+    name, then the old one deleted; a crash in between leaves duplicates that compaction removes.
+    Returns the number of rows migrated. Rows of other configs are left as they are."""
+    from pipeline.discover import video_id_for
+
+    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    migrated = 0
+    for part in own_parts(fs, root):
+        head = _read_part(fs, part, ["labeling_hash"])
+        if legacy_hash not in set(head["labeling_hash"].to_pylist()):
+            continue
+        t = conform(_read_part(fs, part))
+        rows = t.to_pylist()
+        changed = 0
+        for r in rows:
+            if r["labeling_hash"] == legacy_hash and r["schema_version"] is None:
+                uri, key = key_for_uri(r["uri"])
+                r.update(uri=uri, video_id=video_id_for(key), labeling_hash=labeling_hash,
+                         schema_version=SCHEMA_VERSION)
+                changed += 1
+        if not changed:
+            continue
+        new_path = write_part(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), output,
+                              s3_endpoint=s3_endpoint, anon=anon)
+        if basename(new_path) != basename(part):
+            fs.rm_file(part)
+        migrated += changed
+    return migrated
+
+
+__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet", "basename", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
            "storage_options", "STATE_DIR", "compact_duplicates", "CompactionReport"]

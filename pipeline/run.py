@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
-from pipeline.discover import VideoInput, discover_inputs
-from pipeline.output import STATE_DIR, AtomicParquetSink, compact_duplicates, done_keys, read_rows
-from pipeline.storage import check_bucket, get_fs, join, storage_options
+from pipeline.discover import VIDEO_EXTENSIONS, VideoInput, discover_inputs
+from pipeline.output import (SCHEMA_VERSION, STATE_DIR, AtomicParquetSink, compact_duplicates, foreign_parquet,
+                             migrate_legacy_rows, own_parts, own_tmp, read_rows)
+from pipeline.storage import check_bucket, check_local_writable, get_fs, join, storage_options
 
 
 @dataclass
@@ -32,6 +34,8 @@ class RunSummary:
     seconds: float = 0.0
     error_types: dict = field(default_factory=dict)
     duplicates_removed: int = 0      # rows dropped by compaction (start + end of the run): one row per key
+    other_configs: dict = field(default_factory=dict)  # labeling_hash -> rows of other labeling configs in the output
+    notices: list = field(default_factory=list)        # what the run said at its start (also printed to stderr)
 
     @property
     def videos_per_s(self) -> float:
@@ -73,33 +77,100 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
             "decode_ms": video.decode_ms}
 
 
-def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
-    """Everything that can fail fast, before Ray starts: model, input listing, output access."""
+@dataclass
+class Preflight:
+    inputs: list[VideoInput]
+    done: set                       # (video_id, prompt_id) already committed for this labeling config
+    other_configs: dict             # labeling_hash -> rows of other configs already in the output
+    notices: list[str]              # what the user should know before the work starts
+
+
+def notice(notices: list[str], message: str) -> None:
+    notices.append(message)
+    print(f"framescribe: {message}", file=sys.stderr, flush=True)
+
+
+def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
+    """Everything that can fail fast, before Ray starts: model, input listing, questions, output access.
+
+    The output folder is the user's: only framescribe's parts (`part-<hex>.parquet`), its temp objects and
+    its state folder are ever read, rewritten or deleted. A folder holding other Parquet files is refused
+    (they would mix into any reader's dataset), other files are left alone."""
     from actors.loading import ModelLoadError, check_model_available
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.input, "input", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
+    check_local_writable(cfg.output, "output")
     try:
         check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
     inputs = discover_inputs(cfg)
+    if not inputs and not empty_ok:
+        raise ConfigError(f"input: no videos in {cfg.input!r} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}"
+                          f" files, recursively); check the path")
+    notices: list[str] = []
+    labeling_hash = cfg.labeling_hash()
     try:
         fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-        if cfg.overwrite:
-            for p in fs.glob(join(root, "*.parquet")) + fs.glob(join(root, "_tmp-*")):
-                fs.rm(p)
         fs.makedirs(root, exist_ok=True)
-        done = set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
-                                                     include_errors=not cfg.retry_errors,
-                                                     s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        fs.invalidate_cache(root)
+        foreign = foreign_parquet(fs, root)
+        if foreign:
+            raise ConfigError(f"output: {cfg.output!r} holds Parquet files framescribe did not write, e.g. "
+                              f"{foreign[0]!r}; framescribe never touches them and they would mix into the "
+                              f"dataset: move them or choose another --output")
+        if cfg.overwrite:
+            parts = own_parts(fs, root)
+            hashes = read_rows(cfg.output, columns=["labeling_hash"], s3_endpoint=cfg.s3_endpoint,
+                               anon=cfg.anon)["labeling_hash"].value_counts().to_pylist() if parts else []
+            for p in parts + own_tmp(fs, root):
+                fs.rm_file(p)
+            if parts:
+                rows = sum(h["counts"] for h in hashes)
+                others = [h for h in hashes if h["values"] != labeling_hash]
+                notice(notices, f"--overwrite removed {len(parts)} part(s) with {rows} rows from {cfg.output}"
+                       + (f", {sum(h['counts'] for h in others)} of them of {len(others)} other labeling "
+                          f"config(s) ({', '.join(str(h['values']) for h in others)})" if others else "")
+                       + "; other files there were left alone")
+        else:
+            migrated = migrate_legacy_rows(cfg.output, legacy_hash=cfg.legacy_labeling_hash(),
+                                           labeling_hash=labeling_hash, key_for_uri=_key_for_uri(cfg),
+                                           s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+            if migrated:
+                notice(notices, f"migrated {migrated} rows written by an earlier framescribe for this labeling "
+                       f"config to schema version {SCHEMA_VERSION} (labeling_hash {labeling_hash})")
+        t = read_rows(cfg.output, columns=["video_id", "prompt_id", "labeling_hash", "status"],
+                      s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    return inputs, done
+    mine = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
+    done_rows = mine.filter(pc.equal(mine["status"], "ok")) if cfg.retry_errors else mine  # errors count as done
+    done = set(zip(done_rows["video_id"].to_pylist(), done_rows["prompt_id"].to_pylist()))
+    others = t.filter(pc.invert(pc.equal(t["labeling_hash"], labeling_hash)))
+    other_configs = {h["values"]: h["counts"] for h in others["labeling_hash"].value_counts().to_pylist()}
+    if other_configs:
+        notice(notices, f"{cfg.output} already holds {sum(other_configs.values())} rows of {len(other_configs)} "
+               f"other labeling config(s) ({', '.join(other_configs)}); this run's rows have labeling_hash "
+               f"{labeling_hash}. Read one config with: pyarrow.dataset.dataset(OUT).to_table(filter="
+               f"pyarrow.compute.field('labeling_hash') == '{labeling_hash}')")
+    return Preflight(inputs, done, other_configs, notices)
+
+
+def _key_for_uri(cfg: RunConfig):
+    """uri (as an old row stored it) -> (canonical uri, video key) under this run's input root."""
+    from pipeline.discover import canonical_uri, input_root, video_key
+
+    root = input_root(cfg.input)
+
+    def key(uri: str) -> tuple[str, str]:
+        canonical = canonical_uri(uri)
+        return canonical, video_key(canonical, root)
+    return key
 
 
 def _gpu_count() -> float:
@@ -133,7 +204,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                            chunking=cfg.iwp_chunking, head_agg=cfg.iwp_head_agg, seed=cfg.seed))
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,
                     "run_id": run_id, "pipeline_version": __version__,
-                    "created_at": datetime.now(timezone.utc)}
+                    "created_at": datetime.now(timezone.utc), "schema_version": SCHEMA_VERSION}
     ds = ds.map_batches(
         VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         num_gpus=gpus, num_cpus=0 if gpus else 1,
@@ -172,13 +243,32 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
     return s
 
 
-def write_state(cfg: RunConfig, summary: RunSummary) -> None:
+def run_record(cfg: RunConfig, summary: RunSummary, *, status: str, exit_code: int, started_at: datetime,
+               error: str | None = None) -> dict:
+    """What `OUT/_framescribe/run-<run_id>.json` holds: outcome, when, what was labeled with what, counts."""
+    return {"run_id": summary.run_id, "status": status, "exit_code": exit_code, "error": error,
+            "started_at": started_at.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+            "input": cfg.input, "output": cfg.output, "model": cfg.model, "model_revision": cfg.model_revision,
+            "task": cfg.task, "pruning": {k: getattr(cfg, k) for k in (
+                "pruner", "retention", "iwp_lambda", "iwp_temperature", "iwp_floor", "iwp_chunking",
+                "iwp_head_agg", "iwp_layer", "max_residual", "max_retention", "seed")},
+            "labeling_hash": summary.labeling_hash, "labeling_inputs": cfg.labeling_inputs(),
+            "schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
+            "counts": {"videos": summary.videos_total, "skipped": summary.videos_skipped, "ok": summary.videos_ok,
+                       "error": summary.videos_error, "rows": summary.rows, "frames_decoded": summary.frames_decoded,
+                       "visual_tokens_full": summary.visual_tokens_full,
+                       "visual_tokens_kept": summary.visual_tokens_kept,
+                       "duplicates_removed": summary.duplicates_removed},
+            "error_types": summary.error_types, "other_configs": summary.other_configs,
+            "notices": summary.notices, "seconds": round(summary.seconds, 3),
+            "videos_per_s": summary.videos_per_s}
+
+
+def write_state(cfg: RunConfig, record: dict) -> None:
     fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     fs.makedirs(join(root, STATE_DIR), exist_ok=True)
-    payload = {**asdict(summary), "videos_per_s": summary.videos_per_s, "pipeline_version": __version__,
-               "finished_at": datetime.now(timezone.utc).isoformat()}
-    with fs.open(join(root, STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
-        json.dump(payload, f, indent=2, default=str)
+    fs.pipe_file(join(root, STATE_DIR, f"run-{record['run_id']}.json"),
+                 json.dumps(record, indent=2, default=str).encode())
 
 
 def _compact(cfg: RunConfig, *, before_run: bool) -> int:
@@ -191,15 +281,42 @@ def _compact(cfg: RunConfig, *, before_run: bool) -> int:
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary:
-    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, empty_ok: bool = False) -> RunSummary:
+    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
+
+    `empty_ok`: an input with no videos is nothing to do (the incremental job) instead of a config error."""
+    t0, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    labeling_hash = cfg.labeling_hash()
+    pre = preflight(cfg, empty_ok=empty_ok)
+    inputs = pre.inputs if inputs is None else inputs
+    partial = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash,
+                         other_configs=pre.other_configs, notices=pre.notices)
+    try:
+        summary = _label(cfg, inputs, pre.done, run_id, labeling_hash, t0)
+    except BaseException as e:  # the record says how the run ended, then the error goes on
+        interrupted = isinstance(e, KeyboardInterrupt)
+        partial.seconds = time.perf_counter() - t0
+        try:
+            write_state(cfg, run_record(cfg, partial, status="interrupted" if interrupted else "failed",
+                                        exit_code=130 if interrupted else 1, started_at=started_at,
+                                        error=f"{type(e).__name__}: {e}"))
+        except Exception:
+            pass
+        raise
+    summary.other_configs, summary.notices = pre.other_configs, pre.notices
+    exceeded = summary.error_ratio > cfg.max_error_ratio
+    write_state(cfg, run_record(cfg, summary, status="error_ratio_exceeded" if exceeded else "ok",
+                                exit_code=3 if exceeded else 0, started_at=started_at))
+    if exceeded:
+        raise ErrorRatioExceeded(summary, cfg.max_error_ratio)
+    return summary
+
+
+def _label(cfg: RunConfig, inputs: list[VideoInput], done: set, run_id: str, labeling_hash: str,
+           t0: float) -> RunSummary:
     import ray
 
-    t0 = time.perf_counter()
-    run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    labeling_hash = cfg.labeling_hash()
-    discovered, done = preflight(cfg)
-    inputs = discovered if inputs is None else inputs
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
     dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
     todo: dict[str, VideoInput] = {}
@@ -209,7 +326,7 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
             have = {pid for pid, _ in todo[v.video_id].prompts}
             todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
         elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing)
+            todo[v.video_id] = VideoInput(v.uri, missing, v.key)
     todo = list(todo.values())
     if todo:
         if not ray.is_initialized():
@@ -221,7 +338,4 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
     n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
     summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)
     summary.duplicates_removed = dups
-    write_state(cfg, summary)
-    if summary.error_ratio > cfg.max_error_ratio:
-        raise ErrorRatioExceeded(summary, cfg.max_error_ratio)
     return summary

@@ -85,3 +85,27 @@ def check_bucket(uri: str, field: str, *, s3_endpoint: str | None = None, anon: 
             raise ConfigError(f"{field}: cannot reach the object store for {uri!r} ({name}); check --s3-endpoint "
                               f"/ AWS_ENDPOINT_URL and the network") from None
         raise ConfigError(f"{field}: cannot use {uri!r}: {name}: {redact(str(e))}") from None
+
+
+def check_local_writable(uri: str, field: str) -> None:
+    """Fail fast, before any cluster work, when a local output folder cannot be written: the folder is
+    created if missing, and a probe file is written to and deleted from `<uri>/_framescribe/`."""
+    from pipeline.config import ConfigError
+
+    if is_remote(uri):
+        return
+    import uuid
+
+    fs, path = get_fs(uri)
+    try:
+        if fs.exists(path) and not fs.isdir(path):
+            raise ConfigError(f"{field}: {uri!r} is a file, not a folder")
+        probe = join(path, "_framescribe", f".write-probe-{uuid.uuid4().hex}")
+        fs.makedirs(join(path, "_framescribe"), exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write to {uri!r} ({type(e).__name__}: {e.strerror or e}); "
+                          f"choose a writable folder") from None
