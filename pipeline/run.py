@@ -5,7 +5,7 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow.compute as pc
@@ -246,22 +246,15 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
 def run_record(cfg: RunConfig, summary: RunSummary, *, status: str, exit_code: int, started_at: datetime,
                error: str | None = None) -> dict:
     """What `OUT/_framescribe/run-<run_id>.json` holds: outcome, when, what was labeled with what, counts."""
-    return {"run_id": summary.run_id, "status": status, "exit_code": exit_code, "error": error,
-            "started_at": started_at.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
-            "input": cfg.input, "output": cfg.output, "model": cfg.model, "model_revision": cfg.model_revision,
-            "task": cfg.task, "pruning": {k: getattr(cfg, k) for k in (
+    return {**asdict(summary), "videos_per_s": summary.videos_per_s,  # the counts, as the summary table
+            "status": status, "exit_code": exit_code, "error": error, "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "input": cfg.input, "model": cfg.model, "model_revision": cfg.model_revision, "task": cfg.task,
+            "pruning": {k: getattr(cfg, k) for k in (
                 "pruner", "retention", "iwp_lambda", "iwp_temperature", "iwp_floor", "iwp_chunking",
                 "iwp_head_agg", "iwp_layer", "max_residual", "max_retention", "seed")},
-            "labeling_hash": summary.labeling_hash, "labeling_inputs": cfg.labeling_inputs(),
-            "schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
-            "counts": {"videos": summary.videos_total, "skipped": summary.videos_skipped, "ok": summary.videos_ok,
-                       "error": summary.videos_error, "rows": summary.rows, "frames_decoded": summary.frames_decoded,
-                       "visual_tokens_full": summary.visual_tokens_full,
-                       "visual_tokens_kept": summary.visual_tokens_kept,
-                       "duplicates_removed": summary.duplicates_removed},
-            "error_types": summary.error_types, "other_configs": summary.other_configs,
-            "notices": summary.notices, "seconds": round(summary.seconds, 3),
-            "videos_per_s": summary.videos_per_s}
+            "labeling_inputs": cfg.labeling_inputs(), "schema_version": SCHEMA_VERSION,
+            "pipeline_version": __version__}
 
 
 def write_state(cfg: RunConfig, record: dict) -> None:
