@@ -46,6 +46,20 @@ def field_default(name: str) -> str:
         else str(field.default)
 
 
+def options_table() -> str:
+    """The README's options table, generated from RunConfig (tests/test_folder_safety.py checks the README
+    holds exactly this; regenerate with `python -c "from pipeline.cli import options_table; print(options_table())"`)."""
+    lines = ["| flag / YAML key | default | meaning |", "|---|---|---|"]
+    for name, field in RunConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = field_choices(name)
+        meaning = (field.description or "").replace("|", "\\|")
+        if choices:
+            meaning += f"; one of {', '.join(f'`{c}`' for c in choices)}"
+        lines.append(f"| `{flag}` | {field_default(name)} | {meaning} |")
+    return "\n".join(lines)
+
+
 def _flag_type(name: str, annotation):
     """CLI type for a pydantic field (Optional[X] → X; choices → an Enum so help lists them; pydantic validates)."""
     choices = field_choices(name)

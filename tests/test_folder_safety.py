@@ -268,3 +268,13 @@ def test_tiny_model_refuses_a_non_empty_folder_unless_forced(tmp_path):
     r = run_cli("tiny-model", str(d), "--force")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (d / "config.json").is_file()
+
+
+def test_readme_options_table_is_the_typed_config():
+    from pipeline.cli import options_table
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- options table")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of options table -->")].strip()
+    assert block == options_table(), ("README options table drifted from RunConfig; regenerate with "
+                                      "python -c 'from pipeline.cli import options_table; print(options_table())'")
