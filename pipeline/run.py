@@ -142,6 +142,10 @@ def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
             if migrated:
                 notice(notices, f"migrated {migrated} rows written by an earlier framescribe for this labeling "
                        f"config to schema version {SCHEMA_VERSION} (labeling_hash {labeling_hash})")
+        fs.pipe_file(join(root, STATE_DIR, "schema.json"), json.dumps(
+            {"schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
+             "note": "rows with a null schema_version were written by framescribe 0.1.0 (schema version 1)"},
+            indent=2).encode())
         t = read_rows(cfg.output, columns=["video_id", "prompt_id", "labeling_hash", "status"],
                       s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     except ConfigError:

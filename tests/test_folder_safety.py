@@ -98,6 +98,7 @@ def test_overwrite_removes_only_its_parts_says_so_and_second_config_is_announced
     assert (out / "notes.txt").read_text() == "my notes" and (out / "part-notes.txt").read_text() == "mine too"
     assert {r["labeling_hash"] for r in _own_rows(out)} == {first_hash} and len(_own_rows(out)) == 2
     assert all(r["schema_version"] == 2 for r in _own_rows(out))
+    assert json.loads((out / "_framescribe" / "schema.json").read_text())["schema_version"] == 2
 
 
 # --- 2. everything checkable is checked before Ray starts ---------------------------------------------
