@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import io
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from tests.conftest import REPO, run_cli
 
 FAST = ("--num-frames", "2", "--max-new-tokens", "3", "--batch-size", "2")
 LEGACY_COMMIT = "1dfe92e"  # framescribe 0.1.0 as it was before rows carried schema_version
+
+
+@pytest.fixture(autouse=True)
+def own_ray_tmp(monkeypatch):
+    """Each test's CLI runs start their own local Ray in a temp dir of their own (short: socket paths)."""
+    d = tempfile.mkdtemp(prefix="fs19", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
