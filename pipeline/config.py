@@ -188,8 +188,11 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """YAML file (optional) + overrides (CLI flags that were given); raises ConfigError naming the field."""
+def load_config(path: str | Path | None = None, *, relative_to_file: bool = True, **overrides: Any) -> RunConfig:
+    """YAML file (optional) + overrides (CLI flags that were given); raises ConfigError naming the field.
+
+    `relative_to_file`: relative paths in the file are taken from the file's folder (off for `submit`, whose
+    paths are read on the cluster, where relative local paths are refused)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -202,7 +205,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {p} must be a mapping of option: value")
         data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-        data = _relative_to_file(data, p.resolve().parent)
+        if relative_to_file:
+            data = _relative_to_file(data, p.resolve().parent)
     data.update({k: v.value if isinstance(v, Enum) else v for k, v in overrides.items() if v is not None})  # CLI choices are Enums
     try:
         return RunConfig(**data)
