@@ -2,13 +2,14 @@
 hash per meaning, help that teaches. Each test is one finding of a new user's session."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
-import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -217,7 +218,7 @@ def test_output_of_the_previous_version_is_recognised_not_redone(tmp_path, tiny_
     tarfile.open(fileobj=io.BytesIO(blob)).extractall(legacy)
     out = tmp_path / "labels"
     args = ("run", "--input", str(two_videos), "--output", str(out), "--model", str(tiny_qwen), *FAST)
-    old = subprocess.run([os.sys.executable, "-m", "pipeline.cli", *args], cwd=legacy,
+    old = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=legacy,
                          env={**os.environ, "PYTHONPATH": str(legacy), "HF_HUB_OFFLINE": "1"},
                          capture_output=True, text=True, timeout=600)
     assert old.returncode == 0, old.stderr[-3000:]
