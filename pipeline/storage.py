@@ -88,24 +88,24 @@ def check_bucket(uri: str, field: str, *, s3_endpoint: str | None = None, anon: 
 
 
 def check_local_writable(uri: str, field: str) -> None:
-    """Fail fast, before any cluster work, when a local output folder cannot be written: the folder is
-    created if missing, and a probe file is written to and deleted from `<uri>/_framescribe/`."""
+    """Fail fast, before any cluster work, when a local output folder cannot be written. Nothing is created:
+    a probe file is written to and deleted from the folder, or from its nearest existing parent when the
+    folder does not exist yet (the run creates it later)."""
     from pipeline.config import ConfigError
 
     if is_remote(uri):
         return
     import uuid
+    from pathlib import Path
 
-    fs, path = get_fs(uri)
+    target = Path(get_fs(uri)[1])
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"{field}: {uri!r} cannot be a folder: {str(existing)!r} is a file")
+    probe = existing / f".framescribe-write-probe-{uuid.uuid4().hex}"
     try:
-        if fs.exists(path) and not fs.isdir(path):
-            raise ConfigError(f"{field}: {uri!r} is a file, not a folder")
-        probe = join(path, "_framescribe", f".write-probe-{uuid.uuid4().hex}")
-        fs.makedirs(join(path, "_framescribe"), exist_ok=True)
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
-    except ConfigError:
-        raise
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{field}: cannot write to {uri!r} ({type(e).__name__}: {e.strerror or e}); "
-                          f"choose a writable folder") from None
+        raise ConfigError(f"{field}: cannot write to {uri!r} ({type(e).__name__}: {e.strerror or e} in "
+                          f"{str(existing)!r}); choose a writable folder") from None
