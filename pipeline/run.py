@@ -142,6 +142,7 @@ def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
             if migrated:
                 notice(notices, f"migrated {migrated} rows written by an earlier framescribe for this labeling "
                        f"config to schema version {SCHEMA_VERSION} (labeling_hash {labeling_hash})")
+        fs.makedirs(join(root, STATE_DIR), exist_ok=True)
         fs.pipe_file(join(root, STATE_DIR, "schema.json"), json.dumps(
             {"schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
              "note": "rows with a null schema_version were written by framescribe 0.1.0 (schema version 1)"},
