@@ -16,10 +16,9 @@ import torch
 
 from .layout import TokenLayout
 from .metric import duplication
+from .registry import ASSIGNMENTS, COMPENSATIONS
 from .settings import IWPSettings
 
-COMPENSATIONS = ("none", "bias", "merge", "bias+merge")
-ASSIGNMENTS = ("global", "chunk")
 _ASSIGN_BLOCK = 4096  # pruned tokens scored against the kept set per block
 
 
