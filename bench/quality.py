@@ -134,8 +134,8 @@ def _cases(methods, retentions) -> list[tuple[str, float]]:
         for r in retentions:
             if m == "none" and r < 1.0:
                 continue
-            if "+" in m and r >= 1.0:  # nothing pruned: compensation is the identity
-                continue
+            if r >= 1.0 and ("+" in m or (m != "none" and "none" in methods)):
+                continue  # nothing pruned: every method (and its compensation) is the unpruned row
             cases.append((m, float(r)))
     return cases
 
