@@ -246,3 +246,28 @@ def test_a_hub_branch_is_pinned_to_its_commit(tmp_path, monkeypatch):
     assert resolve_revision(str(tmp_path / "local-model"), "main") == "main"   # a local directory: nothing to pin
     base = dict(input="/v", output="/o", model="acme/tiny-vl")
     assert RunConfig(**base, model_revision="main").labeling_hash() != RunConfig(**base, model_revision=sha).labeling_hash()
+    # the head's init container fills the cache the same way (here from the offline cache: the same commit)
+    from jobs.fetch_model import main as fetch_main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("input: /v\noutput: /o\nmodel: acme/tiny-vl\nmodel_revision: main\n")
+    with pytest.raises(SystemExit) as e:
+        fetch_main(["--config", str(cfg)])
+    assert (e.value.code or 0) == 0
+
+
+def test_fetch_model_copies_an_s3_model_into_the_shared_cache_once(s3, tiny_qwen, tmp_path, monkeypatch, capsys):
+    from actors.loading import fetch_model_dir
+    from jobs.fetch_model import main as fetch_main
+
+    bucket = s3.new_bucket()
+    uri = s3.upload_dir(tiny_qwen, bucket, "models/tiny")
+    monkeypatch.setenv("FRAMESCRIBE_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"input: /v\noutput: /o\nmodel: {uri}\n")
+    with pytest.raises(SystemExit) as e:
+        fetch_main(["--config", str(cfg)])
+    assert (e.value.code or 0) == 0
+    cached = fetch_model_dir(uri)   # what a model actor resolves: already there, no copy
+    assert str(cached) in capsys.readouterr().out and (cached / "config.json").is_file()
+    assert cached.is_relative_to(tmp_path / "cache")
