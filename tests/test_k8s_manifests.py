@@ -724,3 +724,14 @@ def test_dockerfile_installs_dependencies_before_the_source():
     assert cuda and re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py3\d+-\$\{CUDA\}", text, re.M)
     assert re.search(r"torch==\$\{TORCH_VERSION\}", text) and "download.pytorch.org/whl/${CUDA}" in text, \
         "Dockerfile: torch pinned to the base image's CUDA"
+
+
+def test_readme_table_covers_every_production_pitfall():
+    readme = (K8S / "README.md").read_text()
+    table = readme[readme.index("## Production pitfalls"):readme.index("## 1. Prerequisites")]
+    for needle in ["lease", "exits **4**", "--wait-lease", "FRAMESCRIBE_LEASE_OWNER", "framescribe-models", "HF_HOME",
+                   "FRAMESCRIBE_CACHE", "model_revision", "HTTPMode", "safe-to-evict", "do-not-disrupt",
+                   "GCS fault tolerance", "nvidia.com/gpu.present", "Sizing", "authOptions", "runAsNonRoot",
+                   "IRSA", "alpine/k8s", "Role", "RayCronJob", "Watching a run", "prometheus.io/scrape", "PodMonitor",
+                   "ttlSecondsAfterFinished", "ephemeral-storage", "Dockerfile", "CUDA", "submitter image"]:
+        assert needle in table, f"k8s/README.md pitfalls table does not cover {needle!r}"
