@@ -69,7 +69,7 @@ def write_state(cfg: RunConfig, record: dict) -> dict:
 def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file, as for `framescribe run`"),
                 **values):
     """Label only the videos with no row yet for this labeling config; safe when runs overlap (lease)."""
-    from pipeline.run import ErrorRatioExceeded, output_lease, run_pipeline
+    from pipeline.run import output_lease
 
     try:
         cfg = load_config(config, **values)
@@ -77,37 +77,9 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
     except ConfigError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_CONFIG)
-
-    code, record, summary = 0, {}, None
     try:
         with output_lease(cfg, log=lambda line: console.print(escape(line))) as lease:
-            started, t0 = _now_iso(), time.perf_counter()
-            record = {"started_at": started, "labeling_hash": cfg.labeling_hash(), "owner": lease.owner}
-            try:
-                summary = run_pipeline(cfg, lease=lease)
-            except ConfigError as e:
-                console.print(f"[red]error:[/red] {escape(str(e))}")
-                code, record["status"], record["error"] = EXIT_CONFIG, "config_error", str(e)
-            except ErrorRatioExceeded as e:
-                summary = e.summary
-                console.print(f"[red]error:[/red] {escape(str(e))}")
-                code, record["status"] = EXIT_ERROR_RATIO, "error_ratio_exceeded"
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:
-                traceback.print_exc()
-                code, record["status"], record["error"] = EXIT_FAILED, "failed", f"{type(e).__name__}: {e}"
-            finally:
-                if summary is not None:
-                    print_summary(summary)
-                    record.update(run_id=summary.run_id, labeling_hash=summary.labeling_hash,
-                                  videos_total=summary.videos_total, new=summary.videos_ok + summary.videos_error,
-                                  skipped=summary.videos_skipped, ok=summary.videos_ok, errors=summary.videos_error,
-                                  rows=summary.rows)
-                record.setdefault("status", "ok" if code == 0 and summary is not None else "interrupted")
-                record.update(finished_at=_now_iso(), seconds=round(time.perf_counter() - t0, 3), exit_code=code)
-                if record["status"] != "interrupted":  # (a lost lease or SIGTERM: the state is not ours to write)
-                    write_state(cfg, record)  # still under the lease
+            code, record = run_under_lease(cfg, lease)
     except LeaseHeld as e:  # a scheduled tick while another run writes: not a failure, nothing to do
         console.print(escape(str(e)) + "; nothing to do, exiting 0")
         raise typer.Exit(0)
@@ -121,6 +93,37 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
     console.print(f"incremental: {record.get('new', 0)} new, {record.get('skipped', 0)} already labeled, "
                   f"{record.get('errors', 0)} errors → {cfg.output}/{STATE_DIR}/{STATE_FILE}")
     raise typer.Exit(code)
+
+
+def run_under_lease(cfg: RunConfig, lease) -> tuple[int, dict]:
+    """Run the pipeline while holding the output's lease and record the run in the state file (still under
+    the lease). Returns (exit code, the run's record); a lost lease or SIGTERM propagates, unrecorded."""
+    from pipeline.run import ErrorRatioExceeded, run_pipeline
+
+    started, t0 = _now_iso(), time.perf_counter()
+    record = {"started_at": started, "labeling_hash": cfg.labeling_hash(), "owner": lease.owner}
+    code, summary = 0, None
+    try:
+        summary = run_pipeline(cfg, lease=lease)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        code, record["status"], record["error"] = EXIT_CONFIG, "config_error", str(e)
+    except ErrorRatioExceeded as e:
+        summary = e.summary
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        code, record["status"] = EXIT_ERROR_RATIO, "error_ratio_exceeded"
+    except Exception as e:
+        traceback.print_exc()
+        code, record["status"], record["error"] = EXIT_FAILED, "failed", f"{type(e).__name__}: {e}"
+    if summary is not None:
+        print_summary(summary)
+        record.update(run_id=summary.run_id, labeling_hash=summary.labeling_hash, videos_total=summary.videos_total,
+                      new=summary.videos_ok + summary.videos_error, skipped=summary.videos_skipped,
+                      ok=summary.videos_ok, errors=summary.videos_error, rows=summary.rows)
+    record.setdefault("status", "ok")
+    record.update(finished_at=_now_iso(), seconds=round(time.perf_counter() - t0, 3), exit_code=code)
+    write_state(cfg, record)
+    return code, record
 
 
 incremental.__signature__ = inspect.Signature(
