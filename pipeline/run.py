@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -218,17 +219,12 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, leas
     inputs = discovered if inputs is None else inputs
     if lease is not None:
         return _run_held(cfg, inputs, t0)
-    try:
-        with output_lease(cfg, log=log):
-            return _run_held(cfg, inputs, t0)
-    except Exception as e:
-        from pipeline.lease import LeaseHeld
-
-        if isinstance(e, LeaseHeld):
-            raise
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lease(cfg, log=log))
+        except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
             raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
-        raise
+        return _run_held(cfg, inputs, t0)
 
 
 def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float) -> RunSummary:
