@@ -90,7 +90,8 @@ def _race(inputs: str, output: str, model: Path, tmp_path: Path, env: dict | Non
                 assert line and time.monotonic() < deadline, f"run {i} is not waiting"
     results = [(r.wait(timeout=600), r.stdout.read(), line + r.stderr.read()) for r in runs]
     for code, out, err in results:
-        assert code == 0, err[-3000:]
+        said = [ln for ln in err.splitlines() if "lease" in ln or "error" in ln.lower()][:20]
+        assert code == 0, "\n".join(said) + "\n...\n" + err[-3000:]
     return results
 
 
