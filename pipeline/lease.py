@@ -70,7 +70,10 @@ class LeaseInfo:
             return True
         except PermissionError:  # alive, another user's
             return False
-        return False
+        try:  # a killed child its parent has not reaped yet is a zombie: gone too
+            return open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
 
     def describe(self) -> str:
         return f"owner {self.owner} (host {self.host or '?'}, pid {self.pid or '?'}) until {self.expires_iso}"
