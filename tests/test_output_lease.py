@@ -272,3 +272,23 @@ def test_fetch_model_copies_an_s3_model_into_the_shared_cache_once(s3, tiny_qwen
     cached = fetch_model_dir(uri)   # what a model actor resolves: already there, no copy
     assert str(cached) in capsys.readouterr().out and (cached / "config.json").is_file()
     assert cached.is_relative_to(tmp_path / "cache")
+
+
+def test_a_dead_or_zombie_holder_on_this_host_counts_as_gone():
+    import socket
+
+    from pipeline.lease import LeaseInfo
+
+    p = subprocess.Popen(["sleep", "60"])
+    info = LeaseInfo(owner="x", expires_at=time.time() + 600, acquired_at=0, renewed_at=0,
+                     host=socket.gethostname(), pid=p.pid)
+    assert not info.process_gone()
+    p.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not info.process_gone():   # killed, not reaped yet: a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.wait()
+    assert info.process_gone()
+    elsewhere = LeaseInfo(owner="x", expires_at=0, acquired_at=0, renewed_at=0, host="node-b", pid=p.pid)
+    assert not elsewhere.process_gone()   # another host's pid says nothing here
