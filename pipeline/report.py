@@ -94,7 +94,7 @@ def strip_image(frames: np.ndarray, kept: list[int] | None, grid: list[int] | No
     """The sampled frames side by side as thumbnails; with a kept-token record, dropped tokens dimmed and a
     wider gap between temporal token groups."""
     thumbs = [thumbnail(f, max_side) for f in frames]
-    groups = list(range(len(thumbs)))
+    groups = [0] * len(thumbs)
     if kept is not None and grid is not None:
         mask = kept_mask(kept, grid)
         groups = frame_groups(len(thumbs), mask.shape[0])
@@ -173,10 +173,11 @@ def summary_plot(t: pa.Table, path: Path) -> bool:
     axes[0].set_title("retention used", fontsize=9)
     axes[1].hist(residual or [0], bins=20, color="#dd8452")
     axes[1].set_title("residual ‖W−W_S‖²/‖W‖²", fontsize=9)
-    times = [[x for x in ok[s].to_pylist() if x is not None] or [0.0] for s in STAGES]
-    axes[2].boxplot(times, vert=False, showfliers=False)
-    axes[2].set_yticks(range(1, len(STAGES) + 1), [s.removesuffix("_ms") for s in STAGES], fontsize=8)
-    axes[2].set_title("ms per video and stage", fontsize=9)
+    times = [np.array([x for x in ok[s].to_pylist() if x is not None] or [0.0]) for s in STAGES]
+    median = [float(np.median(t)) for t in times]
+    p90 = [float(np.percentile(t, 90)) - m for t, m in zip(times, median)]
+    axes[2].barh([s.removesuffix("_ms") for s in STAGES], median, xerr=[[0] * len(STAGES), p90], color="#55a868")
+    axes[2].set_title("ms per video and stage (median, bar to p90)", fontsize=9)
     for ax in axes:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -271,9 +272,12 @@ def card_html(card: Card) -> str:
             + (f' · pruner {_e(first.get("pruner"))} · tokens kept {kept} / {first.get("visual_tokens_full")}'
                f' · retention used {_fmt(first.get("retention_used"))} · residual {_fmt(first.get("iwp_residual"))}'
                if kept is not None else "") + '</div>')
+    several = len({r.get("pruner") for r in card.rows if r["status"] == "ok"}) > 1
     strips = "".join(
-        f'<img class="strip" src="{_e(src)}" width="{w}" height="{h}" alt="sampled frames of {_e(card.video_id)}"'
-        f' data-frames="{len(row.get("frame_timestamps") or [])}"'
+        (f'<div class="label">pruner {_e(row.get("pruner"))}: kept {row.get("visual_tokens_kept")} / '
+         f'{row.get("visual_tokens_full")}, residual {_fmt(row.get("iwp_residual"))}</div>' if several else "")
+        + f'<img class="strip" src="{_e(src)}" width="{w}" height="{h}" alt="sampled frames of {_e(card.video_id)}"'
+        f' data-pruner="{_e(row.get("pruner"))}" data-frames="{len(row.get("frame_timestamps") or [])}"'
         f' data-token-grid="{_e(",".join(map(str, row.get("token_grid") or [])))}"'
         f' title="frames at {_e(", ".join(f"{t:.2f}s" for t in row.get("frame_timestamps") or []))}'
         f' (dimmed: visual tokens the pruner dropped)">'
@@ -285,7 +289,8 @@ def card_html(card: Card) -> str:
                 else f'<div class="text">{_e(r["text"])}</div>')
         ref = (f'<div><div class="label">reference</div><div class="reference">{_e(r.get("reference"))}</div></div>'
                if r.get("reference") else "<div></div>")
-        rows.append(f'<div><div class="label">{_e(r["prompt"])}</div>{body}</div>{ref}')
+        who = f' ({_e(r.get("pruner"))})' if several else ""
+        rows.append(f'<div><div class="label">{_e(r["prompt"])}{who}</div>{body}</div>{ref}')
     return (f'<article class="card" data-video-id="{_e(card.video_id)}" data-status="{card.status}" '
             f'data-error-types="{_e(etypes)}">{head}{strips}{note}<div class="rows">{"".join(rows)}</div></article>')
 
@@ -361,7 +366,7 @@ def build_report(output: str, html_dir: str | None = None, *, limit: int = 100, 
                      filter=pc.field("video_id").isin(video_ids)) if video_ids else None
     rows = select_rows(rows, status=status, error_type=error_type).to_pylist() if rows is not None else []
     by_video: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: (r["prompt"] or "")):
+    for r in sorted(rows, key=lambda r: (r["prompt"] or "", r["pruner"] or "")):
         by_video.setdefault(r["video_id"], []).append(r)
     states = run_states(output, s3_endpoint=s3_endpoint, anon=anon)
     cards = []
