@@ -171,6 +171,7 @@ def summary_plot(t: pa.Table, path: Path) -> bool:
     residual = [x for x in ok["iwp_residual"].to_pylist() if x is not None]
     axes[0].hist(retention or [0], bins=20, color="#4c72b0")
     axes[0].set_title("retention used", fontsize=9)
+    axes[0].set_xlim(0, 1.02)
     axes[1].hist(residual or [0], bins=20, color="#dd8452")
     axes[1].set_title("residual ‖W−W_S‖²/‖W‖²", fontsize=9)
     times = [np.array([x for x in ok[s].to_pylist() if x is not None] or [0.0]) for s in STAGES]

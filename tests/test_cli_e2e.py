@@ -134,3 +134,13 @@ def test_demo_captions_describe_its_clips(tmp_path):
         right, wrong, total = right + len(said & truth), wrong + len(said - truth), total + len(truth)
     texts = {n: r["text"] for n, r in ok.items()}
     assert right >= 0.6 * total and right >= 0.6 * (right + wrong), texts
+    # the demo ends with the report: the printed path opens the clips' cards, references beside the captions
+    import re
+    from urllib.parse import unquote, urlparse
+
+    (url,) = re.findall(r"file://\S+/index\.html", res.stderr)
+    page = Path(unquote(urlparse(url).path))
+    html = page.read_text()
+    assert html.count('<article class="card"') == 5 and "not_a_video" in html
+    assert all(r["reference"] and r["reference"].replace("'", "&#x27;") in html for r in ok.values())
+    assert len(list((page.parent / "frames").glob("*.jpg"))) == 4

@@ -15,6 +15,7 @@ from pipeline.report import build_report, draw_overlay, frame_groups, kept_mask,
 from pipeline.sample_videos import make_moving_shapes, write_video
 from tests.browser import MISSING, find_chromium, open_page
 from tests.conftest import run_cli
+from tests.conftest_s3 import moto_server, s3  # noqa: F401  (pytest fixtures)
 
 GREY = 200  # a uniform clip: a kept token's pixels stay GREY, a dropped one's go dark
 
@@ -204,3 +205,28 @@ def test_report_opens_in_headless_chromium_and_shows_the_kept_tokens(labeled_run
                     y, x = int((i + 0.5) * strip.shape[0] / h), x0 + int((j + 0.5) * (x1 - x0) / w)
                     seen[i, j] = strip[y, x].mean() > GREY / 2
             assert (seen == mask[f // 2]).all(), (pruner, f)  # Qwen2.5-VL: frames 2k, 2k+1 share group k
+
+
+@pytest.mark.slow
+def test_report_of_an_s3_output(labeled_run, s3, tmp_path):
+    """OUT and the videos in a bucket: rows, run summaries and frames are all read from object storage."""
+    from PIL import Image
+
+    from pipeline.output import write_part
+
+    b = s3.new_bucket()
+    rows = pads.dataset(str(labeled_run), format="parquet").to_table()
+    uris = {}
+    for uri in set(rows["uri"].to_pylist()):
+        uris[uri] = s3.upload(Path(uri), b, f"videos/{Path(uri).name}") if Path(uri).is_file() else f"s3://{b}/videos/gone.mp4"
+    moved = rows.set_column(rows.schema.get_field_index("uri"), "uri", pa.array([uris[u] for u in rows["uri"].to_pylist()]))
+    write_part(moved, f"s3://{b}/labels")
+    for state in (labeled_run / "_framescribe").glob("run-*.json"):
+        s3.upload(state, b, f"labels/_framescribe/{state.name}")
+    result = build_report(f"s3://{b}/labels", str(tmp_path / "report"), status="ok")
+    assert result.videos_total == 3 and result.videos_shown == 2  # --status ok: the broken file's card is left out
+    html = result.index.read_text()
+    assert html.count('<article class="card"') == 2 and f"s3://{b}/videos/uniform.mp4" in html
+    strips = sorted((tmp_path / "report" / "frames").glob("*.jpg"))
+    assert len(strips) == 4                                   # 2 videos × 2 pruners
+    assert all(Image.open(p).size[0] > 8 * 64 for p in strips)
