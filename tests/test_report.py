@@ -223,10 +223,12 @@ def test_report_of_an_s3_output(labeled_run, s3, tmp_path):
     write_part(moved, f"s3://{b}/labels")
     for state in (labeled_run / "_framescribe").glob("run-*.json"):
         s3.upload(state, b, f"labels/_framescribe/{state.name}")
-    result = build_report(f"s3://{b}/labels", str(tmp_path / "report"), status="ok")
-    assert result.videos_total == 3 and result.videos_shown == 2  # --status ok: the broken file's card is left out
-    html = result.index.read_text()
+    # the CLI in a subprocess (it inherits the s3 fixture's AWS environment, as a user's shell would pass it)
+    res = run_cli("report", f"s3://{b}/labels", "--html", str(tmp_path / "report"), "--status", "ok")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 of 3 videos" in res.stderr                      # --status ok: the broken file's card is left out
+    html = (tmp_path / "report" / "index.html").read_text()
     assert html.count('<article class="card"') == 2 and f"s3://{b}/videos/uniform.mp4" in html
     strips = sorted((tmp_path / "report" / "frames").glob("*.jpg"))
-    assert len(strips) == 4                                   # 2 videos × 2 pruners
+    assert len(strips) == 4, html                             # 2 videos × 2 pruners
     assert all(Image.open(p).size[0] > 8 * 64 for p in strips)
