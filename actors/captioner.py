@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.attention_bias import check_bias_support
 from actors.generation import greedy_generate, stop_and_pad_ids
 from actors.loading import load_model, make_adapter
 from actors.splice import PruneSpec, fastv_scores, prune_video
+from iwp import uses_bias
 
 # Test hook: when set to a file path, the first model actor that reaches its second batch creates that
 # file and exits at once (os._exit), as an actor killed by the OOM killer or a node failure would. The
@@ -56,14 +58,22 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
 
 
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
-              "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
+              "pruner", "retention", "compensation", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
+              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens", "kept_token_indices", "token_grid",
+              "reference")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
     # bytearray: a writable buffer, so torch.from_numpy in the processor gets writable memory
     return np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
+
+
+def token_grid(video) -> list[int] | None:
+    """[temporal groups, rows, columns] of a video's visual tokens (what `kept_token_indices` index into)."""
+    if video.layout.grid_hw is None:
+        return None
+    return [video.layout.n_chunks, *video.layout.grid_hw]
 
 
 class VideoCaptioner:
@@ -75,6 +85,8 @@ class VideoCaptioner:
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
             attn_implementation=attn, storage_options=storage_options)
         self.adapter = make_adapter(self.model, self.processor)
+        if uses_bias(prune.compensation):
+            check_bias_support(self.model)  # fail at actor start, not per batch
         self.prune = prune
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -136,6 +148,7 @@ class VideoCaptioner:
             for (r, pid, prompt, enc, p), text in zip(chunk, texts):
                 out.append(self._row(r, pid, prompt, status="ok", text=text.strip(),
                                      visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
+                                     kept_token_indices=p.keep.tolist(), token_grid=token_grid(enc),
                                      iwp_residual=p.residual, retention_used=p.retention_used,
                                      vision_ms=vision_ms, prune_ms=p.prune_ms,
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
@@ -145,10 +158,11 @@ class VideoCaptioner:
     # ---- rows ----
     def _base(self, r: dict) -> dict:
         return {"video_id": r["video_id"], "uri": r["uri"], "pruner": self.prune.method,
-                "retention": self.prune.retention, "frames_sampled": int(r.get("frames_sampled") or 0),
+                "retention": self.prune.retention, "compensation": self.prune.compensation, "frames_sampled": int(r.get("frames_sampled") or 0),
                 "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
                 "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
-                "height": r.get("height"), "decode_ms": r.get("decode_ms"), **self.row_defaults}
+                "height": r.get("height"), "decode_ms": r.get("decode_ms"), "reference": r.get("reference"),
+                **self.row_defaults}
 
     def _row(self, r: dict, pid: str, prompt: str, **fields: Any) -> dict:
         return {**self._base(r), "prompt_id": pid, "prompt": prompt, "error_type": None, "error_message": None,

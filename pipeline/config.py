@@ -84,6 +84,11 @@ class RunConfig(BaseModel):
     iwp_chunking: Literal["temporal", "fixed"] = Field("temporal", description="IWP: chunks per temporal token group or fixed size")
     iwp_head_agg: Literal["mean", "frobenius"] = Field("mean", description="IWP: how attention heads are combined")
     iwp_layer: int = Field(0, ge=0, description="IWP: decoder layer whose keys/values score tokens (only 0)")
+    compensation: Literal["none", "bias", "merge", "bias+merge"] = Field(
+        "none", description="give kept visual tokens the attention mass of the pruned tokens they stand for: "
+                            "bias = log-count attention bias, merge = size-weighted mean embedding")
+    compensation_assignment: Literal["global", "chunk"] = Field(
+        "global", description="pruned tokens go to the most duplicated kept token of the whole video or of their temporal chunk")
     max_residual: Optional[float] = Field(None, gt=0, description="IWP quality guard: raise retention until the residual is below this")
     max_retention: float = Field(1.0, gt=0, le=1, description="highest retention the quality guard may use")
     seed: int = Field(0, description="seed of the random pruner and IWP tie-breaks")
@@ -101,6 +106,13 @@ class RunConfig(BaseModel):
     run_id: Optional[str] = Field(None, description="id of this run (default: time + random suffix)")
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")
+
+    # one writer per output: the lease OUT/_framescribe/lease.json (pipeline/lease.py)
+    lease_ttl: float = Field(600.0, ge=1, description="seconds the output's lease lasts without renewal (renewed every "
+                             "ttl/3); after a crash on another machine the next run waits at most this long")
+    wait_lease: bool = Field(False, description="when another run holds the output's lease, wait for it instead of "
+                             "exiting (code 4; a scheduled incremental run exits 0)")
+    wait_timeout: Optional[float] = Field(None, gt=0, description="with wait_lease: give up after this many seconds")
 
     @field_validator("pruner")
     @classmethod
@@ -129,6 +141,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
         if self.pruner == "none" and self.retention != 1.0:
             raise ValueError("retention < 1 needs a pruner (--pruner iwp, random, ...); pruner 'none' keeps every token")
+        if self.compensation != "none" and self.pruner == "none":
+            raise ValueError("compensation needs a pruner (--pruner iwp, dycoke, ...); pruner 'none' drops nothing")
         if self.max_residual is not None and not self.pruner.startswith("iwp"):
             raise ValueError("max_residual (quality guard) needs an iwp pruner")
         if self.max_retention < self.retention:
@@ -152,7 +166,8 @@ class RunConfig(BaseModel):
                 "max_pixels": self.max_pixels, "max_new_tokens": self.max_new_tokens, "pruner": self.pruner,
                 "retention": self.retention, "iwp_lambda": self.iwp_lambda, "iwp_temperature": self.iwp_temperature,
                 "iwp_floor": self.iwp_floor, "iwp_chunking": self.iwp_chunking, "iwp_head_agg": self.iwp_head_agg,
-                "iwp_layer": self.iwp_layer, "max_residual": self.max_residual,
+                "iwp_layer": self.iwp_layer, "compensation": self.compensation,
+                "compensation_assignment": self.compensation_assignment, "max_residual": self.max_residual,
                 "max_retention": self.max_retention, "seed": self.seed, "dtype": self.dtype}
 
     def labeling_hash(self) -> str:

@@ -19,6 +19,7 @@ class VideoInput:
     uri: str                                                       # canonical (see `canonical_location`)
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, prompt)
     key: str | None = None  # what identifies the video (`video_key`); the uri when not given
+    reference: str | None = None  # a manifest's `reference` (e.g. a ground-truth caption), copied into the rows
 
     @property
     def video_id(self) -> str:
@@ -193,7 +194,9 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                     own += [qs] if isinstance(qs, str) else list(qs)
                 if row.get("question"):
                     own.append(row["question"])
-                inputs.append(VideoInput(canonical_uri(str(row["uri"]), cfg.input), _prompt_pairs(own)))
+                reference = row.get("reference")
+                inputs.append(VideoInput(canonical_uri(str(row["uri"]), cfg.input), _prompt_pairs(own),
+                                         reference=None if reference is None else str(reference)))
         elif any(c in path for c in "*?["):
             inputs = [VideoInput(canonical_location(_with_protocol(fs, p, cfg.input)), _prompt_pairs(prompts))
                       for p in sorted(fs.glob(path)) if fs.isfile(p)]

@@ -20,6 +20,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("text", pa.string()), ("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
     ("model", pa.string()), ("model_revision", pa.string()), ("pruner", pa.string()), ("retention", pa.float64()),
+    ("compensation", pa.string()),
     ("retention_used", pa.float64()), ("visual_tokens_full", pa.int64()), ("visual_tokens_kept", pa.int64()),
     ("iwp_residual", pa.float64()), ("frames_sampled", pa.int64()), ("frame_timestamps", pa.list_(pa.float64())),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
@@ -27,6 +28,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")), ("schema_version", pa.int32()),
+    # added later (outputs written before them read back as nulls): what the pruner kept, and the manifest's reference
+    ("kept_token_indices", pa.list_(pa.int32())), ("token_grid", pa.list_(pa.int32())), ("reference", pa.string()),
 ])
 STATE_DIR = "_framescribe"  # run summaries; the leading underscore keeps it out of dataset readers
 # What identifies a row (video_id, labeling_hash inputs, uri form). 1 = rows written before it was
@@ -115,8 +118,10 @@ class AtomicParquetSink(Datasink):
 
 
 def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str | None = None,
-              anon: bool = False) -> pa.Table:
-    """Every committed row under `output` (empty table with the schema when there is none)."""
+              anon: bool = False, filter: pc.Expression | None = None) -> pa.Table:
+    """Every committed row under `output` (or those matching `filter`; empty table with the schema when none).
+
+    Parts written before a column existed read back with nulls in it (the dataset reads with OUTPUT_SCHEMA)."""
     fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
     fs.invalidate_cache(root)  # object stores: parts written by other processes since the last listing
     parts = own_parts(fs, root) if fs.exists(root) else []
@@ -124,7 +129,7 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
     ds = pads.dataset(parts, format="parquet", filesystem=_arrow_fs(fs), schema=OUTPUT_SCHEMA)
-    return ds.to_table(columns=columns)
+    return ds.to_table(columns=columns, filter=filter)
 
 
 def _arrow_fs(fs):

@@ -5,6 +5,7 @@ import json
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -60,7 +61,8 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
-    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"], "status": "ok",
+    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"],
+           "reference": row.get("reference"), "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
            "height": None, "decode_ms": None}
@@ -78,8 +80,7 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
 
 
 @dataclass
-class Preflight:
-    inputs: list[VideoInput]
+class OutputState:
     done: set                       # (video_id, prompt_id) already committed for this labeling config
     other_configs: dict             # labeling_hash -> rows of other configs already in the output
     notices: list[str]              # what the user should know before the work starts
@@ -90,13 +91,11 @@ def notice(notices: list[str], message: str) -> None:
     print(f"framescribe: {message}", file=sys.stderr, flush=True)
 
 
-def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
-    """Everything that can fail fast, before Ray starts: model, input listing, questions, output access.
-
-    The output folder is the user's: only framescribe's parts (`part-<hex>.parquet`), its temp objects and
-    its state folder are ever read, rewritten or deleted. A folder holding other Parquet files is refused
-    (they would mix into any reader's dataset), other files are left alone."""
-    from actors.loading import ModelLoadError, check_model_available
+def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> tuple[RunConfig, list[VideoInput]]:
+    """Everything that can fail fast, before the lease and Ray: model (its hub revision pinned), input listing
+    (an input with no videos is a config error unless `empty_ok`), questions, output access. Returns the
+    config with `model_revision` resolved to a commit, and the inputs."""
+    from actors.loading import ModelLoadError, check_model_available, resolve_revision
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
@@ -105,12 +104,24 @@ def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
     check_local_writable(cfg.output, "output")
     try:
         check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
+        revision = resolve_revision(cfg.model, cfg.model_revision)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
+    if revision != cfg.model_revision:  # a branch or tag moves: rows and the labeling hash name the commit
+        cfg = cfg.model_copy(update={"model_revision": revision})
     inputs = discover_inputs(cfg)
     if not inputs and not empty_ok:
         raise ConfigError(f"input: no videos in {cfg.input!r} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}"
                           f" files, recursively); check the path")
+    return cfg, inputs
+
+
+def prepare_output(cfg: RunConfig) -> OutputState:
+    """Under the output's lease: what is already done, --overwrite, migration of old rows.
+
+    The output folder is the user's: only framescribe's parts (`part-<hex>.parquet`), its temp objects and
+    its state folder are ever read, rewritten or deleted. A folder holding other Parquet files is refused
+    (they would mix into any reader's dataset), other files are left alone."""
     notices: list[str] = []
     labeling_hash = cfg.labeling_hash()
     try:
@@ -163,7 +174,7 @@ def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> Preflight:
                f"other labeling config(s) ({', '.join(other_configs)}); this run's rows have labeling_hash "
                f"{labeling_hash}. Read one config with: pyarrow.dataset.dataset(OUT).to_table(filter="
                f"pyarrow.compute.field('labeling_hash') == '{labeling_hash}')")
-    return Preflight(inputs, done, other_configs, notices)
+    return OutputState(done, other_configs, notices)
 
 
 def _key_for_uri(cfg: RunConfig):
@@ -193,7 +204,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
 
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts)} for v in todo]
+    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference}
+             for v in todo]
     # small blocks early: decode starts at once and a slow file holds back few others
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
@@ -205,6 +217,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if _gpu_count() > 0 else 0.0)
     prune = PruneSpec(method=cfg.pruner, retention=cfg.retention, layer=cfg.iwp_layer, seed=cfg.seed,
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
+                      compensation=cfg.compensation, compensation_assignment=cfg.compensation_assignment,
                       settings=IWPSettings(lam=cfg.iwp_lambda, temperature=cfg.iwp_temperature, floor=cfg.iwp_floor,
                                            chunking=cfg.iwp_chunking, head_agg=cfg.iwp_head_agg, seed=cfg.seed))
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,
@@ -251,15 +264,20 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
 def run_record(cfg: RunConfig, summary: RunSummary, *, status: str, exit_code: int, started_at: datetime,
                error: str | None = None) -> dict:
     """What `OUT/_framescribe/run-<run_id>.json` holds: outcome, when, what was labeled with what, counts."""
+    from pipeline.decode import SamplingSpec
+
     return {**asdict(summary), "videos_per_s": summary.videos_per_s,  # the counts, as the summary table
             "status": status, "exit_code": exit_code, "error": error, "started_at": started_at.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "input": cfg.input, "model": cfg.model, "model_revision": cfg.model_revision, "task": cfg.task,
             "pruning": {k: getattr(cfg, k) for k in (
                 "pruner", "retention", "iwp_lambda", "iwp_temperature", "iwp_floor", "iwp_chunking",
-                "iwp_head_agg", "iwp_layer", "max_residual", "max_retention", "seed")},
+                "iwp_head_agg", "iwp_layer", "compensation", "compensation_assignment", "max_residual",
+                "max_retention", "seed")},
             "labeling_inputs": cfg.labeling_inputs(), "schema_version": SCHEMA_VERSION,
-            "pipeline_version": __version__}
+            "pipeline_version": __version__,
+            # the sampling lets `framescribe report` decode the very frames the model saw
+            "sampling": asdict(SamplingSpec.from_config(cfg)), "decode_timeout_s": cfg.decode_timeout_s}
 
 
 def write_state(cfg: RunConfig, record: dict) -> None:
@@ -279,19 +297,44 @@ def _compact(cfg: RunConfig, *, before_run: bool) -> int:
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, empty_ok: bool = False) -> RunSummary:
+def output_lease(cfg: RunConfig, log=print):
+    """The output's lease as this config asks for it (see pipeline/lease.py)."""
+    from pipeline.lease import hold_output_lease, lease_owner
+
+    return hold_output_lease(cfg.output, ttl_s=cfg.lease_ttl, wait=cfg.wait_lease, wait_timeout_s=cfg.wait_timeout,
+                             owner=lease_owner(cfg.run_id), s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, log=log)
+
+
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, lease=None, log=print,
+                 empty_ok: bool = False) -> RunSummary:
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
 
-    `empty_ok`: an input with no videos is nothing to do (the incremental job) instead of a config error."""
+    The run holds the output's lease from before its first write to after its last: pass `lease` when the
+    caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
+    `empty_ok`: an input with no videos is nothing to do (the incremental job) instead of a config error.
+    """
     t0, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    cfg, discovered = preflight(cfg, empty_ok=empty_ok)
+    inputs = discovered if inputs is None else inputs
+    if lease is not None:
+        return _run_held(cfg, inputs, t0, started_at)
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lease(cfg, log=log))
+        except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
+            raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
+        return _run_held(cfg, inputs, t0, started_at)
+
+
+def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: datetime) -> RunSummary:
+    """Under the lease: prepare the output, label, record how the run ended in run-<run_id>.json."""
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
-    pre = preflight(cfg, empty_ok=empty_ok)
-    inputs = pre.inputs if inputs is None else inputs
+    state = prepare_output(cfg)
     partial = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash,
-                         other_configs=pre.other_configs, notices=pre.notices)
+                         other_configs=state.other_configs, notices=state.notices)
     try:
-        summary = _label(cfg, inputs, pre.done, run_id, labeling_hash, t0)
+        summary = _label(cfg, inputs, state.done, run_id, labeling_hash, t0)
     except BaseException as e:  # the record says how the run ended, then the error goes on
         interrupted = isinstance(e, KeyboardInterrupt)
         partial.seconds = time.perf_counter() - t0
@@ -302,7 +345,7 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, empt
         except Exception:
             pass
         raise
-    summary.other_configs, summary.notices = pre.other_configs, pre.notices
+    summary.other_configs, summary.notices = state.other_configs, state.notices
     exceeded = summary.error_ratio > cfg.max_error_ratio
     write_state(cfg, run_record(cfg, summary, status="error_ratio_exceeded" if exceeded else "ok",
                                 exit_code=3 if exceeded else 0, started_at=started_at))
@@ -324,7 +367,7 @@ def _label(cfg: RunConfig, inputs: list[VideoInput], done: set, run_id: str, lab
             have = {pid for pid, _ in todo[v.video_id].prompts}
             todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
         elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing, v.key)
+            todo[v.video_id] = VideoInput(v.uri, missing, v.key, v.reference)
     todo = list(todo.values())
     if todo:
         if not ray.is_initialized():
