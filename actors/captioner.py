@@ -55,10 +55,10 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
         pass  # a benchmark aid must never fail a batch
 
 
-ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
+ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message", "retryable",
               "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
+              "decoder", "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
@@ -169,7 +169,8 @@ class VideoCaptioner:
                 "retention": self.prune.retention, "frames_sampled": int(r.get("frames_sampled") or 0),
                 "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
                 "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
-                "height": r.get("height"), "decode_ms": r.get("decode_ms"), **self.row_defaults}
+                "height": r.get("height"), "decode_ms": r.get("decode_ms"), "decoder": r.get("decoder"),
+                **self.row_defaults}
 
     def _row(self, r: dict, pid: str, prompt: str, **fields: Any) -> dict:
         return {**self._base(r), "prompt_id": pid, "prompt": prompt, "error_type": None, "error_message": None,

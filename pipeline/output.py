@@ -18,11 +18,12 @@ from pipeline.storage import get_fs, join, storage_options
 OUTPUT_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("text", pa.string()), ("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
+    ("retryable", pa.bool_()),
     ("model", pa.string()), ("model_revision", pa.string()), ("pruner", pa.string()), ("retention", pa.float64()),
     ("retention_used", pa.float64()), ("visual_tokens_full", pa.int64()), ("visual_tokens_kept", pa.int64()),
     ("iwp_residual", pa.float64()), ("frames_sampled", pa.int64()), ("frame_timestamps", pa.list_(pa.float64())),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
-    ("decode_ms", pa.float64()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
+    ("decode_ms", pa.float64()), ("decoder", pa.string()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),

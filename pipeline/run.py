@@ -59,7 +59,7 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"], "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
-           "height": None, "decode_ms": None}
+           "height": None, "decode_ms": None, "decoder": None}
     try:
         fs, path = _get_fs(row["uri"], s3_endpoint=s3_endpoint, anon=anon)
         video = decode_video(row["uri"], spec, filesystem=fs, timeout_s=timeout_s)
@@ -70,7 +70,7 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     return {**out, "frames": video.frames.tobytes(), "frames_shape": list(video.frames.shape),
             "frame_timestamps": [float(t) for t in video.timestamps], "frames_sampled": int(video.frames.shape[0]),
             "duration_s": video.duration_s, "fps": video.fps, "width": video.width, "height": video.height,
-            "decode_ms": video.decode_ms}
+            "decode_ms": video.decode_ms, "decoder": video.decoder}
 
 
 def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
