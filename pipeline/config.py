@@ -64,11 +64,14 @@ class RunConfig(BaseModel):
     num_gpus_per_actor: Optional[float] = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
     concurrency: int = Field(1, ge=1, description="model actors")
     decode_concurrency: Optional[int] = Field(None, ge=1, description="parallel decode tasks (default: Ray decides)")
+    decode_memory_mb: int = Field(1024, ge=64, description="memory (MiB) each decode task reserves on its node, so large videos cannot oversubscribe it")
+    model_retries: int = Field(2, ge=1, description="retries of a batch whose model actor died; a video in that many crashed attempts becomes a model_crash row")
 
     # run behaviour
     max_error_ratio: float = Field(1.0, ge=0, le=1)
     overwrite: bool = False
     retry_errors: bool = False
+    max_run_attempts: int = Field(3, ge=1, description="runs that try a (video, prompt) whose error is retryable (storage, timeout); later runs retry such rows by themselves until then")
     run_id: Optional[str] = None
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -12,7 +13,8 @@ import pyarrow.compute as pc
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VideoInput, discover_inputs
-from pipeline.output import STATE_DIR, AtomicParquetSink, compact_duplicates, done_keys, read_rows
+from pipeline.output import (STATE_DIR, AtomicParquetSink, compact_duplicates, done_keys, read_rows,
+                             retry_attempts)
 from pipeline.storage import check_bucket, get_fs, join, storage_options
 
 
@@ -51,8 +53,20 @@ class ErrorRatioExceeded(RuntimeError):
         self.summary = summary
 
 
+# Errors that may go away by themselves (storage throttling, 5xx, resets, timeouts; a slow read shows up as a
+# decode timeout): their rows say retryable and the next runs retry them, up to --max-run-attempts runs.
+RETRYABLE_ERRORS = ("read_error", "decode_timeout")
+
+
 def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, anon: bool) -> dict:
     """Ray Data map fn: decode one video's sampled frames; every failure becomes an error record."""
+    out = _decode_record(row, spec=spec, timeout_s=timeout_s, s3_endpoint=s3_endpoint, anon=anon)
+    out["retryable"] = out["error_type"] in RETRYABLE_ERRORS if out["status"] == "error" else None
+    out["run_attempt"] = int(row.get("run_attempt") or 1)
+    return out
+
+
+def _decode_record(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, anon: bool) -> dict:
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
@@ -94,7 +108,8 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
         fs.makedirs(root, exist_ok=True)
         done = set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
                                                      include_errors=not cfg.retry_errors,
-                                                     s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+                                                     s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
+                                                     max_run_attempts=cfg.max_run_attempts)
     except ConfigError:
         raise
     except Exception as e:
@@ -108,24 +123,40 @@ def _gpu_count() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str):
+def attempts_root(cfg: RunConfig, labeling_hash: str) -> str:
+    """Where model attempts that died are remembered (actors.attempts)."""
+    return join(cfg.output, STATE_DIR, "attempts", labeling_hash)
+
+
+def model_task_retries(cfg: RunConfig) -> int:
+    """Ray retries of a batch whose actor died: the first crash, then one isolated crash per poison video
+    (up to the whole batch) for each further attempt it needs; bounded, never Ray's default of forever."""
+    return 1 + cfg.batch_size * max(1, cfg.model_retries - 1)
+
+
+def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str,
+                  run_attempts: dict[str, int] | None = None):
     """The lazy Ray Data graph (nothing runs until it is written)."""
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from actors.captioner import VideoCaptioner
     from actors.splice import PruneSpec
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
 
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts)} for v in todo]
+    run_attempts = run_attempts or {}
+    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts),
+              "run_attempt": run_attempts.get(v.video_id, 1)} for v in todo]
     # small blocks early: decode starts at once and a slow file holds back few others
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
+    # Decode runs in its own CPU tasks, never inside the model actor: its declared memory differs from the
+    # model stage's resources, which Ray Data never fuses (tests/test_reliability.py checks the plan).
+    # The memory reservation keeps a node from starting more decodes than it can hold.
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
                                            s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
-                num_cpus=1, concurrency=cfg.decode_concurrency,
-                # retries cover a decode worker that died; they also keep Ray from fusing decode into the
-                # model actor (fusion needs equal remote args), so decoding runs ahead in its own CPU tasks
-                max_retries=3)
+                compute=TaskPoolStrategy(size=cfg.decode_concurrency), num_cpus=1,
+                memory=cfg.decode_memory_mb * 1024 * 1024)
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if _gpu_count() > 0 else 0.0)
     prune = PruneSpec(method=cfg.pruner, retention=cfg.retention, layer=cfg.iwp_layer, seed=cfg.seed,
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
@@ -134,17 +165,33 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,
                     "run_id": run_id, "pipeline_version": __version__,
                     "created_at": datetime.now(timezone.utc)}
-    ds = ds.map_batches(
-        VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-        num_gpus=gpus, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, revision=cfg.model_revision,
-                                   trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                   device="cuda" if gpus and cfg.device == "auto" else cfg.device,
-                                   storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
-                                                                   anon=cfg.anon),
-                                   row_defaults=row_defaults))
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it marks deprecated
+        # (removal announced for 2.64, hence ray<2.64 in pyproject.toml); without them it retries forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(
+            VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus, num_cpus=0 if gpus else 1,
+            max_restarts=-1, max_task_retries=model_task_retries(cfg),
+            fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, revision=cfg.model_revision,
+                                       trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                                       device="cuda" if gpus and cfg.device == "auto" else cfg.device,
+                                       storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
+                                                                       anon=cfg.anon),
+                                       row_defaults=row_defaults,
+                                       attempts_root=attempts_root(cfg, labeling_hash),
+                                       attempts_storage_options=storage_options(
+                                           cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
+                                       max_crashes=cfg.model_retries))
     return ds
+
+
+def clear_attempts(cfg: RunConfig, labeling_hash: str) -> None:
+    from actors.attempts import AttemptLedger
+
+    AttemptLedger(attempts_root(cfg, labeling_hash),
+                  storage_options(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)).clear()
 
 
 def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_skipped: int,
@@ -195,9 +242,12 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
     import ray
 
+    from pipeline.cluster import resolve_address
+
     t0 = time.perf_counter()
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
+    address = None if ray.is_initialized() else resolve_address(cfg.address)  # fails fast, before any work
     discovered, done = preflight(cfg)
     inputs = discovered if inputs is None else inputs
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
@@ -212,11 +262,19 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
             todo[v.video_id] = VideoInput(v.uri, missing)
     todo = list(todo.values())
     if todo:
+        # retryable rows retried by this run: their rows count one more run attempt
+        prior = {} if cfg.overwrite else retry_attempts(cfg.output, labeling_hash, cfg.max_run_attempts,
+                                                        s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        run_attempts: dict[str, int] = {}
+        for (vid, _pid), n in prior.items():
+            run_attempts[vid] = max(run_attempts.get(vid, 1), n + 1)
         if not ray.is_initialized():
-            ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
+            ray.init(address=address, include_dashboard=False if address == "local" else None,
                      log_to_driver=True)
-        build_dataset(cfg, todo, run_id, labeling_hash).write_datasink(
+        clear_attempts(cfg, labeling_hash)  # crashes of an earlier (killed) run do not count against this one
+        build_dataset(cfg, todo, run_id, labeling_hash, run_attempts).write_datasink(
             AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
+        clear_attempts(cfg, labeling_hash)
         dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
     n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
     summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)
