@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -20,7 +21,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Label video corpora with vision-language models on Ray Data (IWP token pruning).")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
-EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO, EXIT_INTERRUPTED = 2, 1, 3, 130
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _flag_type(annotation):
@@ -79,6 +94,14 @@ def execute(cfg: RunConfig) -> int:
 
     try:
         summary = run_pipeline(cfg)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ctrl-C, or SIGTERM (ray.init turns it into SystemExit(15); before that the handler in main does)
+        if isinstance(e, SystemExit) and e.code not in (signal.SIGTERM, signal.SIGINT):
+            raise
+        console.print("[red]interrupted:[/red] the run stopped; committed parts are kept and a re-run resumes "
+                      "from them")
+        _shutdown_ray()
+        return EXIT_INTERRUPTED
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
@@ -212,6 +235,7 @@ app.add_typer(bench_app, name="bench")
 
 def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops a run like Ctrl-C, at any stage
     app()
 
 

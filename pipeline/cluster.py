@@ -30,9 +30,10 @@ def resolve_address(address: str | None) -> str | None:
     target = address
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.utils import read_ray_address
 
-        try:
-            target = canonicalize_bootstrap_address("auto")
+        try:  # the cluster `ray start` recorded; else any local GCS Ray finds (its legacy "auto")
+            target = read_ray_address() or canonicalize_bootstrap_address("auto")
         except Exception as e:
             raise ConfigError(f"{source}: 'auto' found no running local Ray cluster ({e}); start one with "
                               "`ray start --head`, pass its address, or leave --address out for a local Ray") from None

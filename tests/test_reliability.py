@@ -17,6 +17,8 @@ import pytest
 
 from pipeline.output import read_rows
 from tests.conftest import REPO, run_cli
+from tests.conftest_s3 import moto_server, s3  # noqa: F401  (pytest fixtures)
+from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,130 @@ def test_poison_video_ends_as_model_crash_rows_and_the_rest_is_labeled(tmp_path,
     assert not list((out / "_framescribe" / "attempts").rglob("*.json"))  # the ledger is cleared at the end
     print(f"poison run: {took:.1f} s")
     assert "model_crash: 1" in r.stdout
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stale_cluster_file(ray_tmp: str, port: int) -> None:
+    """What a stopped `ray start --head` leaves: `<RAY_TMPDIR>/ray/ray_current_cluster` naming a dead GCS."""
+    Path(ray_tmp, "ray").mkdir(exist_ok=True)
+    Path(ray_tmp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+
+
+def test_an_address_that_does_not_answer_fails_fast(tmp_path, tiny_qwen, six_videos, ray_tmp):
+    """--address HOST:PORT and --address auto (a stale ray_current_cluster file, left by a stopped
+    `ray start`) fail with exit 2 naming the address, in seconds; nothing waits on a dead GCS."""
+    port = _dead_port()
+    _stale_cluster_file(ray_tmp, port)
+    base = ["run", "--input", str(six_videos), "--output", str(tmp_path / "o"), "--model", str(tiny_qwen)]
+    for address in (f"127.0.0.1:{port}", "auto", f"ray://127.0.0.1:{port}"):
+        t0 = time.monotonic()
+        r = run_cli(*base, "--address", address, env={"RAY_TMPDIR": ray_tmp}, timeout=120)
+        assert r.returncode == 2, (address, r.stdout[-1000:], r.stderr[-2000:])
+        assert f"127.0.0.1:{port}" in r.stderr and "no Ray cluster answers" in r.stderr, r.stderr[-2000:]
+        assert time.monotonic() - t0 < 60
+    r = run_cli(*base, env={"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=120)
+    assert r.returncode == 2 and "RAY_ADDRESS" in r.stderr, r.stderr[-2000:]
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                rest = stat[stat.rindex(")") + 2:].split()
+                if int(rest[2]) == pgid and rest[0] != "Z":
+                    alive.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return alive
+
+
+def test_stale_cluster_file_is_ignored_and_sigterm_stops_a_run(tmp_path, tiny_qwen, six_videos, ray_tmp):
+    """Without --address a run starts its own Ray even when a stale ray_current_cluster file points at a
+    dead cluster; SIGTERM while a decode hangs stops it (and the Ray it started) within seconds."""
+    _stale_cluster_file(ray_tmp, _dead_port())
+    out = tmp_path / "labels"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp,
+           "FRAMESCRIBE_TEST_DECODE_HANG_SUBSTR": "clip_05"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--input", str(six_videos),
+                                   "--output", str(out), "--model", str(tiny_qwen), *FAST, "--batch-size", "1",
+                                   "--decode-timeout-s", "600"], cwd=REPO, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("part-*.parquet"))) < 5:  # every video but the hanging one: mid-run, at decode
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(driver.pid, signal.SIGTERM)
+        rc = driver.wait(60)
+        stopped = time.monotonic() - t0
+        assert rc != 0 and "interrupted" in log.read_text(), log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while _group_alive(driver.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(driver.pid), "processes of the stopped run are still alive"
+        print(f"SIGTERM to exit: {stopped:.1f} s (rc {rc})")
+        assert len(read_rows(str(out))) == 5  # what was committed stays; a re-run resumes from it
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in _group_alive(driver.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_storage_faults_end_ok_after_retries_or_on_the_next_run(s3, tiny_qwen, six_videos, tmp_path, ray_tmp):
+    """Input, model and output on the S3-protocol server behind a proxy that answers 25 % of requests with
+    503 SlowDown, resets 10 % of connections and slows 5 % (seeded). One object is blacked out (every GET
+    503) during the first run: its row says retryable, and the second run retries it by itself."""
+    from pipeline.sample_videos import make_broken_files
+
+    b = s3.new_bucket()
+    s3.upload_dir(six_videos, b, "videos")
+    broken = make_broken_files(tmp_path / "broken")
+    for name in ("truncated", "text"):
+        s3.upload(broken[name], b, f"videos/broken_{name}.mp4")
+    model = s3.upload_dir(tiny_qwen, b, "models/tiny-qwen")
+    env = {"RAY_TMPDIR": ray_tmp, "FRAMESCRIBE_CACHE": str(tmp_path / "cache"),
+           "AWS_MAX_ATTEMPTS": "3"}  # botocore's own retry setting (standard mode backoff), bounded for the test
+    args = ["run", "--input", f"s3://{b}/videos/", "--output", f"s3://{b}/labels", "--model", model, *FAST,
+            "--batch-size", "4", "--decode-timeout-s", "120"]
+    with FaultProxy(s3.endpoint, seed=14, slowdown=0.25, reset=0.10, slow=0.05, slow_s=0.3) as proxy:
+        proxy.blackout = {"/videos/clip_03.mp4"}
+        r1 = run_cli(*args, "--s3-endpoint", proxy.endpoint, env=env, timeout=400)
+        first = dict(proxy.counts)
+        assert r1.returncode == 0, r1.stdout[-2000:] + r1.stderr[-3000:]
+        rows1 = {Path(x["uri"]).name: x for x in read_rows(f"s3://{b}/labels").to_pylist()}
+        assert len(rows1) == 8
+        assert rows1["clip_03.mp4"]["status"] == "error" and rows1["clip_03.mp4"]["retryable"] is True
+        assert rows1["clip_03.mp4"]["error_type"] == "read_error" and rows1["clip_03.mp4"]["run_attempt"] == 1
+        proxy.blackout = set()
+        r2 = run_cli(*args, "--s3-endpoint", proxy.endpoint, env=env, timeout=400)  # no flag: retries by itself
+        assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-3000:]
+    print(f"faults injected: run 1 {first}, both runs {dict(proxy.counts)}")
+    assert first["slowdown"] > 0 and first["reset"] > 0 and first["slow"] > 0 and first["blackout"] > 0
+    t = read_rows(f"s3://{b}/labels")
+    keys = Counter(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+    assert len(keys) == 8 and set(keys.values()) == {1}, keys          # nothing lost, nothing twice
+    rows = {Path(x["uri"]).name: x for x in t.to_pylist()}
+    for i in range(6):
+        assert rows[f"clip_{i:02d}.mp4"]["status"] == "ok", rows[f"clip_{i:02d}.mp4"]
+    assert rows["clip_03.mp4"]["run_attempt"] == 2
+    assert rows["broken_truncated.mp4"]["error_type"] == "corrupt" and not rows["broken_truncated.mp4"]["retryable"]
+    assert rows["broken_text.mp4"]["error_type"] == "not_a_video" and not rows["broken_text.mp4"]["retryable"]
+    assert "1 already labeled" not in r2.stdout and "(7 already labeled, skipped)" in r2.stdout
