@@ -128,10 +128,17 @@ def attempts_root(cfg: RunConfig, labeling_hash: str) -> str:
     return join(cfg.output, STATE_DIR, "attempts", labeling_hash)
 
 
+# Ray also spends a retry each time a call reaches an actor that is gone but not yet restarting (a lost node
+# fails a queued batch this way two or three times in a row); these calls never ran, so they get headroom.
+ACTOR_UNAVAILABLE_RETRIES = 20
+
+
 def model_task_retries(cfg: RunConfig) -> int:
-    """Ray retries of a batch whose actor died: the first crash, then one isolated crash per poison video
-    (up to the whole batch) for each further attempt it needs; bounded, never Ray's default of forever."""
-    return 1 + cfg.batch_size * max(1, cfg.model_retries - 1)
+    """Ray's retries of a batch whose actor died: bounded, never Ray's default of forever. A batch needs at
+    most one crash with everyone in it, then `model_retries - 1` isolated crashes per video before every
+    video has its row (the ledger in actors.attempts enforces --model-retries per video), plus the
+    headroom above."""
+    return 1 + cfg.batch_size * max(1, cfg.model_retries - 1) + ACTOR_UNAVAILABLE_RETRIES
 
 
 def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str,

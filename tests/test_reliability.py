@@ -23,6 +23,7 @@ from tests.fault_proxy import FaultProxy
 pytestmark = pytest.mark.slow
 
 FAST = ("--num-frames", "2", "--max-new-tokens", "3")
+N_CLUSTER = 12
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,99 @@ def test_storage_faults_end_ok_after_retries_or_on_the_next_run(s3, tiny_qwen, s
     assert rows["broken_truncated.mp4"]["error_type"] == "corrupt" and not rows["broken_truncated.mp4"]["retryable"]
     assert rows["broken_text.mp4"]["error_type"] == "not_a_video" and not rows["broken_text.mp4"]["retryable"]
     assert "1 already labeled" not in r2.stdout and "(7 already labeled, skipped)" in r2.stdout
+
+
+def _children_named(ppid: int, needle: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                rest = stat[stat.rindex(")") + 2:].split()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if int(rest[1]) == ppid and rest[0] != "Z" and needle in cmd:
+                    found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+@pytest.fixture
+def three_node_cluster(ray_tmp):
+    """A head (no CPUs: it only schedules) and two 1-CPU worker nodes on this machine."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                             "temp_dir": ray_tmp})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]  # room for the model actor and a decode task
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def test_node_loss_and_driver_kill_on_a_three_node_cluster(tmp_path, tiny_qwen, three_node_cluster, ray_tmp):
+    """A worker node hosting the model actor (and decode tasks) is removed mid-run: the run completes with one
+    row per (video, prompt). Then a driver on the same cluster is SIGKILLed mid-run and the run started again."""
+    from pipeline.sample_videos import make_moving_shapes, write_video
+
+    cluster, workers = three_node_cluster
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(N_CLUSTER):
+        write_video(videos / f"c_{i:02d}.mp4", make_moving_shapes(8, 64, 64, seed=300 + i), fps=4)
+    base = ["run", "--input", str(videos), "--model", str(tiny_qwen), *FAST, "--batch-size", "1",
+            "--address", cluster.address, "--decode-memory-mb", "128"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+
+    def start(out, log):
+        with open(log, "wb") as f:
+            return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *base, "--output", str(out)], cwd=REPO,
+                                    env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_parts(proc, out, log, n):
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("part-*.parquet"))) < n:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+
+    # 1. node loss
+    out, log = tmp_path / "labels", tmp_path / "node-loss.log"
+    driver = start(out, log)
+    try:
+        wait_parts(driver, out, log, 1)
+        hosts = [w for w in workers if _children_named(w.all_processes["raylet"][0].process.pid, "VideoCaptioner")]
+        assert len(hosts) == 1, "the model actor was not found on a worker node"
+        assert driver.poll() is None and len(list(out.glob("part-*.parquet"))) < N_CLUSTER
+        cluster.remove_node(hosts[0], allow_graceful=False)
+        rc = driver.wait(300)
+        assert rc == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    t = read_rows(str(out))
+    keys = Counter(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+    assert len(keys) == N_CLUSTER and set(keys.values()) == {1}, keys
+    assert set(t["status"].to_pylist()) == {"ok"}, t.select(["uri", "error_type", "error_message"]).to_pylist()
+
+    # 2. driver killed mid-run on the (now two-node) cluster, then the run again
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    out, log = tmp_path / "labels2", tmp_path / "driver-kill.log"
+    driver = start(out, log)
+    try:
+        wait_parts(driver, out, log, 1)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    committed = read_rows(str(out)).num_rows
+    r = run_cli(*base, "--output", str(out), env={"RAY_TMPDIR": ray_tmp}, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = read_rows(str(out))
+    keys = Counter(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+    assert len(keys) == N_CLUSTER and set(keys.values()) == {1}, keys
+    assert set(t["status"].to_pylist()) == {"ok"}
+    print(f"driver killed after {committed} rows; the rerun completed the other {N_CLUSTER - committed}")
