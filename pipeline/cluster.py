@@ -25,6 +25,9 @@ def resolve_address(address: str | None) -> str | None:
         if not env:
             return "local"
         address, source = env, "RAY_ADDRESS"
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: {address!r} is a Ray job API URL; use `framescribe submit` with it, or "
+                          "give the cluster's HOST:PORT / ray://HOST:PORT")
     if address == "local":
         return "local"
     target = address
