@@ -474,18 +474,23 @@ def _decode_pyav(uri: str, src, spec: SamplingSpec, head: bytes) -> _Frames:
 _DECODE_FNS = {"decord": _decode_decord, "pyav": _decode_pyav}
 
 
+def _storage_call(uri: str, what: str, fn, *args):
+    """fn(*args) on the storage: a missing object is `not_found`, anything else a `read_error`."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        raise DecodeError("not_found", f"{uri}: no such file") from None
+    except Exception as e:
+        raise DecodeError("read_error", f"{uri}: {what}{type(e).__name__}: {e}") from None
+
+
 def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: bytes | None = None,
                        decoders: tuple[str, ...] = DECODERS) -> DecodedVideo:
     t0 = time.perf_counter()
     fs = path = None
     if data is None:
         fs, path = _resolve(uri, filesystem)
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            raise DecodeError("not_found", f"{uri}: no such file") from None
-        except Exception as e:
-            raise DecodeError("read_error", f"{uri}: cannot stat: {type(e).__name__}: {e}") from None
+        info = _storage_call(uri, "cannot stat: ", fs.info, path)
         if info.get("type") == "directory":
             raise DecodeError("not_a_video", f"{uri}: is a directory")
         size = info.get("size")
@@ -499,16 +504,15 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
         # The byte stream: local files by path (FFmpeg reads only the parts it needs); other filesystems
         # through a file-like object, or, above IN_MEMORY_MAX_BYTES, a temporary file removed below.
         if data is None and not _is_local(fs) and (size is None or size > IN_MEMORY_MAX_BYTES):
-            try:
+            def copy_to_tmp():
+                nonlocal tmp_path
                 suffix = os.path.splitext(path)[1][:16]
                 with fs.open(path, "rb") as src, tempfile.NamedTemporaryFile(
                         prefix="framescribe-", suffix=suffix, delete=False) as dst:
                     tmp_path = dst.name
                     shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
-            except FileNotFoundError:
-                raise DecodeError("not_found", f"{uri}: no such file") from None
-            except Exception as e:
-                raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+
+            _storage_call(uri, "", copy_to_tmp)
         head = None
         first_error: DecodeError | None = None
         for name in decoders:
@@ -578,12 +582,7 @@ def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float,
     if filesystem is not None and type(filesystem).__name__ == "MemoryFileSystem":
         # fsspec's memory filesystem lives in this process only: read the bytes here and ship them.
         fs, path = _resolve(uri, filesystem)
-        try:
-            data = fs.cat_file(path)
-        except FileNotFoundError:
-            raise DecodeError("not_found", f"{uri}: no such file") from None
-        except Exception as e:
-            raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+        data = _storage_call(uri, "", fs.cat_file, path)
         filesystem = None
     hang_substr = os.environ.get(HANG_ENV)
     try:
