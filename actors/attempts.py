@@ -18,6 +18,10 @@ class AttemptLedger:
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
         import fsspec
 
+        from actors import s3_retry
+
+        s3_retry.install()
+
         self.root = root.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from actors import s3_retry
 from pipeline.decode_pool import ChildDied, ChildPool, ChildTimeout, ChildUnavailable
 
 ERROR_TYPES = ("not_found", "empty_file", "not_a_video", "no_video_stream", "corrupt", "decode_timeout",
@@ -568,7 +569,12 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
 # decode in a child process (timeout / crash protection): pipeline.decode_pool runs it
 # ----------------------------------------------------------------------------------------------------
 
-_POOL = ChildPool(warm_up=decord_module, name="framescribe-decode")
+def _warm_up() -> None:
+    s3_retry.install()
+    decord_module()
+
+
+_POOL = ChildPool(warm_up=_warm_up, name="framescribe-decode")
 
 
 def shutdown_decode_pool() -> None:

@@ -6,6 +6,10 @@ from typing import Any
 
 import fsspec
 
+from actors import s3_retry
+
+s3_retry.install()  # s3fs also retries 5xx answers without a body (HEAD), see actors/s3_retry.py
+
 
 # Transient storage errors (throttling, 5xx, connection resets, timeouts) are retried inside the task by the
 # storage libraries themselves: botocore (standard mode: exponential backoff with jitter, up to
