@@ -46,6 +46,23 @@ def resolve_address(address: str | None) -> str | None:
     return address
 
 
+def forget_dead_local_cluster() -> None:
+    """Remove a `ray_current_cluster` file whose cluster no longer answers (a stopped `ray start` left it).
+
+    A new local Ray started while that file names a dead GCS does not come up here (its agents follow the
+    file: "The current node timed out during startup"); Ray's `ray stop` removes the file the same way."""
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address()
+    if not recorded:
+        return
+    try:
+        probe(recorded, "ray_current_cluster")
+    except ConfigError:
+        reset_ray_address()
+
+
 def probe(address: str, source: str = "address") -> None:
     """Fail fast when nothing listens at `address` (host:port, optionally ray://)."""
     hostport = address.split("://", 1)[-1].rstrip("/")
