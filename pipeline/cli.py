@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -101,7 +102,10 @@ def execute(cfg: RunConfig) -> int:
         console.print("[red]interrupted:[/red] the run stopped; committed parts are kept and a re-run resumes "
                       "from them")
         _shutdown_ray()
-        return EXIT_INTERRUPTED
+        # exit now: after a signal, Ray's core worker can abort (SIGABRT) in the interpreter's teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
