@@ -5,6 +5,7 @@ import json
 import time
 import uuid
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -70,7 +71,8 @@ def _decode_record(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
-    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"], "status": "ok",
+    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"],
+           "reference": row.get("reference"), "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
            "height": None, "decode_ms": None, "decoder": None}
@@ -87,9 +89,10 @@ def _decode_record(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None
             "decode_ms": video.decode_ms, "decoder": video.decoder}
 
 
-def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
-    """Everything that can fail fast, before Ray starts: model, input listing, output access."""
-    from actors.loading import ModelLoadError, check_model_available
+def preflight(cfg: RunConfig) -> tuple[RunConfig, list[VideoInput]]:
+    """Everything that can fail fast, before the lease and Ray: model (its hub revision pinned), input listing,
+    output access. Returns the config with `model_revision` resolved to a commit, and the inputs."""
+    from actors.loading import ModelLoadError, check_model_available, resolve_revision
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
@@ -97,16 +100,23 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
     check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
     try:
         check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
+        revision = resolve_revision(cfg.model, cfg.model_revision)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    inputs = discover_inputs(cfg)
+    if revision != cfg.model_revision:  # a branch or tag moves: rows and the labeling hash name the commit
+        cfg = cfg.model_copy(update={"model_revision": revision})
+    return cfg, discover_inputs(cfg)
+
+
+def prepare_output(cfg: RunConfig) -> set:
+    """Under the output's lease: --overwrite clears it; returns the (video, prompt) keys already done."""
     try:
         fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
         if cfg.overwrite:
             for p in fs.glob(join(root, "*.parquet")) + fs.glob(join(root, "_tmp-*")):
                 fs.rm(p)
         fs.makedirs(root, exist_ok=True)
-        done = set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
+        return set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
                                                      include_errors=not cfg.retry_errors,
                                                      s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
                                                      max_run_attempts=cfg.max_run_attempts)
@@ -114,7 +124,6 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    return inputs, done
 
 
 def _gpu_count() -> float:
@@ -153,7 +162,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     from pipeline.decode import SamplingSpec
 
     run_attempts = run_attempts or {}
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts),
+    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference,
               "run_attempt": run_attempts.get(v.video_id, 1)} for v in todo]
     # small blocks early: decode starts at once and a slow file holds back few others
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
@@ -229,8 +238,12 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
 def write_state(cfg: RunConfig, summary: RunSummary) -> None:
     fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     fs.makedirs(join(root, STATE_DIR), exist_ok=True)
+    from pipeline.decode import SamplingSpec
+
+    # the sampling lets `framescribe report` decode the very frames the model saw
     payload = {**asdict(summary), "videos_per_s": summary.videos_per_s, "pipeline_version": __version__,
-               "finished_at": datetime.now(timezone.utc).isoformat()}
+               "finished_at": datetime.now(timezone.utc).isoformat(),
+               "sampling": asdict(SamplingSpec.from_config(cfg)), "decode_timeout_s": cfg.decode_timeout_s}
     with fs.open(join(root, STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
         json.dump(payload, f, indent=2, default=str)
 
@@ -245,18 +258,45 @@ def _compact(cfg: RunConfig, *, before_run: bool) -> int:
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary:
-    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
+def output_lease(cfg: RunConfig, log=print):
+    """The output's lease as this config asks for it (see pipeline/lease.py)."""
+    from pipeline.lease import hold_output_lease, lease_owner
+
+    return hold_output_lease(cfg.output, ttl_s=cfg.lease_ttl, wait=cfg.wait_lease, wait_timeout_s=cfg.wait_timeout,
+                             owner=lease_owner(cfg.run_id), s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, log=log)
+
+
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, lease=None,
+                 log=print) -> RunSummary:
+    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
+
+    The run holds the output's lease from before its first write to after its last: pass `lease` when the
+    caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
+    """
     import ray
 
     from pipeline.cluster import resolve_address
 
     t0 = time.perf_counter()
+    address = None if ray.is_initialized() else resolve_address(cfg.address)  # fails fast, before any work
+    cfg, discovered = preflight(cfg)
+    inputs = discovered if inputs is None else inputs
+    if lease is not None:
+        return _run_held(cfg, inputs, t0, address)
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lease(cfg, log=log))
+        except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
+            raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
+        return _run_held(cfg, inputs, t0, address)
+
+
+def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, address: str | None) -> RunSummary:
+    import ray
+
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
-    address = None if ray.is_initialized() else resolve_address(cfg.address)  # fails fast, before any work
-    discovered, done = preflight(cfg)
-    inputs = discovered if inputs is None else inputs
+    done = prepare_output(cfg)
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
     dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
     todo: dict[str, VideoInput] = {}
@@ -266,7 +306,7 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
             have = {pid for pid, _ in todo[v.video_id].prompts}
             todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
         elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing)
+            todo[v.video_id] = VideoInput(v.uri, missing, v.reference)
     todo = list(todo.values())
     if todo:
         # retryable rows retried by this run: their rows count one more run attempt
