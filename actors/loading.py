@@ -26,6 +26,10 @@ def fetch_model_dir(uri: str, *, storage_options: dict | None = None) -> Path:
     """Copy an object-store model prefix to a local cache once; atomic rename so concurrent actors agree."""
     import fsspec
 
+    from actors import s3_retry
+
+    s3_retry.install()
+
     dest = model_cache_dir() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     if (dest / "config.json").is_file():
         return dest

@@ -6,6 +6,8 @@ import enum
 import inspect
 import json
 import os
+import signal
+import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -24,8 +26,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=H
                   help="Label video corpora with vision-language models on Ray Data (IWP token pruning).")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
-EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO, EXIT_INTERRUPTED = 2, 1, 3, 130
 EXIT_LEASE_HELD = 4  # another run holds the output's lease (one writer per output; --wait-lease waits)
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def field_choices(name: str) -> tuple[str, ...] | None:
@@ -125,6 +141,17 @@ def execute(cfg: RunConfig) -> int:
 
     try:
         summary = run_pipeline(cfg, log=lambda line: console.print(escape(line)))
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ctrl-C, or SIGTERM (ray.init turns it into SystemExit(15); before that the handler in main does)
+        if isinstance(e, SystemExit) and e.code not in (signal.SIGTERM, signal.SIGINT):
+            raise
+        console.print("[red]interrupted:[/red] the run stopped; committed parts are kept and a re-run resumes "
+                      "from them")
+        _shutdown_ray()
+        # exit now: after a signal, Ray's core worker can abort (SIGABRT) in the interpreter's teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
@@ -316,6 +343,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops a run like Ctrl-C, at any stage
     app()
 
 

@@ -98,11 +98,14 @@ class RunConfig(BaseModel):
     num_gpus_per_actor: Optional[float] = Field(None, ge=0, description="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
     concurrency: int = Field(1, ge=1, description="model actors")
     decode_concurrency: Optional[int] = Field(None, ge=1, description="parallel decode tasks (default: Ray decides)")
+    decode_memory_mb: int = Field(1024, ge=64, description="memory (MiB) each decode task reserves on its node, so large videos cannot oversubscribe it")
+    model_retries: int = Field(2, ge=1, description="retries of a batch whose model actor died; a video in that many crashed attempts becomes a model_crash row")
 
     # run behaviour
     max_error_ratio: float = Field(1.0, ge=0, le=1, description="exit 3 when more than this fraction of videos failed")
     overwrite: bool = Field(False, description="remove framescribe's parts from the output first (other files stay)")
     retry_errors: bool = Field(False, description="redo error rows of this labeling config")
+    max_run_attempts: int = Field(3, ge=1, description="runs that try a (video, prompt) whose error is retryable (storage, timeout); later runs retry such rows by themselves until then")
     run_id: Optional[str] = Field(None, description="id of this run (default: time + random suffix)")
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")

@@ -19,12 +19,13 @@ from pipeline.storage import get_fs, join, storage_options
 OUTPUT_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("text", pa.string()), ("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
+    ("retryable", pa.bool_()), ("run_attempt", pa.int64()),
     ("model", pa.string()), ("model_revision", pa.string()), ("pruner", pa.string()), ("retention", pa.float64()),
     ("compensation", pa.string()),
     ("retention_used", pa.float64()), ("visual_tokens_full", pa.int64()), ("visual_tokens_kept", pa.int64()),
     ("iwp_residual", pa.float64()), ("frames_sampled", pa.int64()), ("frame_timestamps", pa.list_(pa.float64())),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
-    ("decode_ms", pa.float64()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
+    ("decode_ms", pa.float64()), ("decoder", pa.string()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")), ("schema_version", pa.int32()),
@@ -141,14 +142,37 @@ def _arrow_fs(fs):
 
 
 def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpoint: str | None = None,
-              anon: bool = False) -> set[tuple[str, str]]:
-    """(video_id, prompt_id) pairs already committed for this labeling config."""
-    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status"],
+              anon: bool = False, max_run_attempts: int | None = None) -> set[tuple[str, str]]:
+    """(video_id, prompt_id) pairs already committed for this labeling config.
+
+    With `max_run_attempts`, a retryable error row tried by fewer runs than that is not done (see
+    `retry_attempts`): the next run retries it by itself."""
+    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable", "run_attempt"],
                   s3_endpoint=s3_endpoint, anon=anon)
     t = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
     if not include_errors:
         t = t.filter(pc.equal(t["status"], "ok"))
+    elif max_run_attempts is not None:
+        t = t.filter(pc.invert(retry_due(t, max_run_attempts)))
     return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+
+
+def retry_due(t: pa.Table, max_run_attempts: int):
+    """Mask: retryable error rows tried by fewer than `max_run_attempts` runs (rows of old versions: 1 run)."""
+    attempts = pc.fill_null(t["run_attempt"], 1)
+    return pc.and_(pc.and_(pc.equal(t["status"], "error"), pc.fill_null(t["retryable"], False)),
+                   pc.less(attempts, max_run_attempts))
+
+
+def retry_attempts(output: str, labeling_hash: str, max_run_attempts: int, *, s3_endpoint: str | None = None,
+                   anon: bool = False) -> dict[tuple[str, str], int]:
+    """(video_id, prompt_id) -> runs that tried it, for the retryable error rows the next run retries."""
+    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable", "run_attempt"],
+                  s3_endpoint=s3_endpoint, anon=anon)
+    t = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
+    t = t.filter(retry_due(t, max_run_attempts))
+    return {(v, p): int(a or 1) for v, p, a in zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist(),
+                                                    t["run_attempt"].to_pylist())}
 
 
 KEY_COLUMNS = ("video_id", "prompt_id", "labeling_hash")
@@ -305,5 +329,5 @@ def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, ke
     return migrated
 
 
-__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet", "basename", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
+__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet", "basename", "AtomicParquetSink", "read_rows", "done_keys", "retry_attempts", "write_part", "conform",
            "storage_options", "STATE_DIR", "compact_duplicates", "CompactionReport"]

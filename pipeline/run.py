@@ -5,6 +5,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VIDEO_EXTENSIONS, VideoInput, discover_inputs
 from pipeline.output import (SCHEMA_VERSION, STATE_DIR, AtomicParquetSink, compact_duplicates, foreign_parquet,
-                             migrate_legacy_rows, own_parts, own_tmp, read_rows)
+                             migrate_legacy_rows, own_parts, own_tmp, read_rows, retry_attempts, retry_due)
 from pipeline.storage import check_bucket, check_local_writable, get_fs, join, storage_options
 
 
@@ -56,8 +57,20 @@ class ErrorRatioExceeded(RuntimeError):
         self.summary = summary
 
 
+# Errors that may go away by themselves (storage throttling, 5xx, resets, timeouts; a slow read shows up as a
+# decode timeout): their rows say retryable and the next runs retry them, up to --max-run-attempts runs.
+RETRYABLE_ERRORS = ("read_error", "decode_timeout")
+
+
 def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, anon: bool) -> dict:
     """Ray Data map fn: decode one video's sampled frames; every failure becomes an error record."""
+    out = _decode_record(row, spec=spec, timeout_s=timeout_s, s3_endpoint=s3_endpoint, anon=anon)
+    out["retryable"] = out["error_type"] in RETRYABLE_ERRORS if out["status"] == "error" else None
+    out["run_attempt"] = int(row.get("run_attempt") or 1)
+    return out
+
+
+def _decode_record(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, anon: bool) -> dict:
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
@@ -65,7 +78,7 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
            "reference": row.get("reference"), "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
-           "height": None, "decode_ms": None}
+           "height": None, "decode_ms": None, "decoder": None}
     try:
         fs, path = _get_fs(row["uri"], s3_endpoint=s3_endpoint, anon=anon)
         video = decode_video(row["uri"], spec, filesystem=fs, timeout_s=timeout_s)
@@ -76,7 +89,7 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     return {**out, "frames": video.frames.tobytes(), "frames_shape": list(video.frames.shape),
             "frame_timestamps": [float(t) for t in video.timestamps], "frames_sampled": int(video.frames.shape[0]),
             "duration_s": video.duration_s, "fps": video.fps, "width": video.width, "height": video.height,
-            "decode_ms": video.decode_ms}
+            "decode_ms": video.decode_ms, "decoder": video.decoder}
 
 
 @dataclass
@@ -158,14 +171,17 @@ def prepare_output(cfg: RunConfig) -> OutputState:
             {"schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
              "note": "rows with a null schema_version were written by framescribe 0.1.0 (schema version 1)"},
             indent=2).encode())
-        t = read_rows(cfg.output, columns=["video_id", "prompt_id", "labeling_hash", "status"],
+        t = read_rows(cfg.output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable",
+                                                   "run_attempt"],
                       s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
     mine = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
-    done_rows = mine.filter(pc.equal(mine["status"], "ok")) if cfg.retry_errors else mine  # errors count as done
+    # errors count as done, except retryable ones tried by fewer than max_run_attempts runs (retried by themselves)
+    done_rows = (mine.filter(pc.equal(mine["status"], "ok")) if cfg.retry_errors
+                 else mine.filter(pc.invert(retry_due(mine, cfg.max_run_attempts))))
     done = set(zip(done_rows["video_id"].to_pylist(), done_rows["prompt_id"].to_pylist()))
     others = t.filter(pc.invert(pc.equal(t["labeling_hash"], labeling_hash)))
     other_configs = {h["values"]: h["counts"] for h in others["labeling_hash"].value_counts().to_pylist()}
@@ -195,25 +211,47 @@ def _gpu_count() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str):
+def attempts_root(cfg: RunConfig, labeling_hash: str) -> str:
+    """Where model attempts that died are remembered (actors.attempts)."""
+    return join(cfg.output, STATE_DIR, "attempts", labeling_hash)
+
+
+# Ray also spends a retry each time a call reaches an actor that is gone but not yet restarting (a lost node
+# fails a queued batch this way two or three times in a row); these calls never ran, so they get headroom.
+ACTOR_UNAVAILABLE_RETRIES = 20
+
+
+def model_task_retries(cfg: RunConfig) -> int:
+    """Ray's retries of a batch whose actor died: bounded, never Ray's default of forever. A batch needs at
+    most one crash with everyone in it, then `model_retries - 1` isolated crashes per video before every
+    video has its row (the ledger in actors.attempts enforces --model-retries per video), plus the
+    headroom above."""
+    return 1 + cfg.batch_size * max(1, cfg.model_retries - 1) + ACTOR_UNAVAILABLE_RETRIES
+
+
+def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str,
+                  run_attempts: dict[str, int] | None = None):
     """The lazy Ray Data graph (nothing runs until it is written)."""
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from actors.captioner import VideoCaptioner
     from actors.splice import PruneSpec
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
 
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference}
-             for v in todo]
+    run_attempts = run_attempts or {}
+    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference,
+              "run_attempt": run_attempts.get(v.video_id, 1)} for v in todo]
     # small blocks early: decode starts at once and a slow file holds back few others
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
+    # Decode runs in its own CPU tasks, never inside the model actor: its declared memory differs from the
+    # model stage's resources, which Ray Data never fuses (tests/test_reliability.py checks the plan).
+    # The memory reservation keeps a node from starting more decodes than it can hold.
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
                                            s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
-                num_cpus=1, concurrency=cfg.decode_concurrency,
-                # retries cover a decode worker that died; they also keep Ray from fusing decode into the
-                # model actor (fusion needs equal remote args), so decoding runs ahead in its own CPU tasks
-                max_retries=3)
+                compute=TaskPoolStrategy(size=cfg.decode_concurrency), num_cpus=1,
+                memory=cfg.decode_memory_mb * 1024 * 1024)
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if _gpu_count() > 0 else 0.0)
     prune = PruneSpec(method=cfg.pruner, retention=cfg.retention, layer=cfg.iwp_layer, seed=cfg.seed,
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
@@ -223,17 +261,33 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,
                     "run_id": run_id, "pipeline_version": __version__,
                     "created_at": datetime.now(timezone.utc), "schema_version": SCHEMA_VERSION}
-    ds = ds.map_batches(
-        VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-        num_gpus=gpus, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, revision=cfg.model_revision,
-                                   trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                   device="cuda" if gpus and cfg.device == "auto" else cfg.device,
-                                   storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
-                                                                   anon=cfg.anon),
-                                   row_defaults=row_defaults))
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it marks deprecated
+        # (removal announced for 2.64, hence ray<2.64 in pyproject.toml); without them it retries forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(
+            VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus, num_cpus=0 if gpus else 1,
+            max_restarts=-1, max_task_retries=model_task_retries(cfg),
+            fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, revision=cfg.model_revision,
+                                       trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                                       device="cuda" if gpus and cfg.device == "auto" else cfg.device,
+                                       storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
+                                                                       anon=cfg.anon),
+                                       row_defaults=row_defaults,
+                                       attempts_root=attempts_root(cfg, labeling_hash),
+                                       attempts_storage_options=storage_options(
+                                           cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
+                                       max_crashes=cfg.model_retries))
     return ds
+
+
+def clear_attempts(cfg: RunConfig, labeling_hash: str) -> None:
+    from actors.attempts import AttemptLedger
+
+    AttemptLedger(attempts_root(cfg, labeling_hash),
+                  storage_options(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)).clear()
 
 
 def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_skipped: int,
@@ -313,20 +367,26 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, leas
     caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
     `empty_ok`: an input with no videos is nothing to do (the incremental job) instead of a config error.
     """
+    import ray
+
+    from pipeline.cluster import resolve_address
+
     t0, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    address = None if ray.is_initialized() else resolve_address(cfg.address)  # fails fast, before any work
     cfg, discovered = preflight(cfg, empty_ok=empty_ok)
     inputs = discovered if inputs is None else inputs
     if lease is not None:
-        return _run_held(cfg, inputs, t0, started_at)
+        return _run_held(cfg, inputs, t0, started_at, address)
     with ExitStack() as held:
         try:
             held.enter_context(output_lease(cfg, log=log))
         except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
             raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
-        return _run_held(cfg, inputs, t0, started_at)
+        return _run_held(cfg, inputs, t0, started_at, address)
 
 
-def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: datetime) -> RunSummary:
+def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: datetime,
+              address: str | None) -> RunSummary:
     """Under the lease: prepare the output, label, record how the run ended in run-<run_id>.json."""
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
@@ -334,7 +394,7 @@ def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: d
     partial = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash,
                          other_configs=state.other_configs, notices=state.notices)
     try:
-        summary = _label(cfg, inputs, state.done, run_id, labeling_hash, t0)
+        summary = _label(cfg, inputs, state.done, run_id, labeling_hash, t0, address)
     except BaseException as e:  # the record says how the run ended, then the error goes on
         interrupted = isinstance(e, KeyboardInterrupt)
         partial.seconds = time.perf_counter() - t0
@@ -355,7 +415,7 @@ def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: d
 
 
 def _label(cfg: RunConfig, inputs: list[VideoInput], done: set, run_id: str, labeling_hash: str,
-           t0: float) -> RunSummary:
+           t0: float, address: str | None) -> RunSummary:
     import ray
 
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
@@ -370,11 +430,19 @@ def _label(cfg: RunConfig, inputs: list[VideoInput], done: set, run_id: str, lab
             todo[v.video_id] = VideoInput(v.uri, missing, v.key, v.reference)
     todo = list(todo.values())
     if todo:
+        # retryable rows retried by this run: their rows count one more run attempt
+        prior = {} if cfg.overwrite else retry_attempts(cfg.output, labeling_hash, cfg.max_run_attempts,
+                                                        s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        run_attempts: dict[str, int] = {}
+        for (vid, _pid), n in prior.items():
+            run_attempts[vid] = max(run_attempts.get(vid, 1), n + 1)
         if not ray.is_initialized():
-            ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
+            ray.init(address=address, include_dashboard=False if address == "local" else None,
                      log_to_driver=True)
-        build_dataset(cfg, todo, run_id, labeling_hash).write_datasink(
+        clear_attempts(cfg, labeling_hash)  # crashes of an earlier (killed) run do not count against this one
+        build_dataset(cfg, todo, run_id, labeling_hash, run_attempts).write_datasink(
             AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
+        clear_attempts(cfg, labeling_hash)
         dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
     n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
     summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)

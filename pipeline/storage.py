@@ -6,12 +6,33 @@ from typing import Any
 
 import fsspec
 
+from actors import s3_retry
+
+s3_retry.install()  # s3fs also retries 5xx answers without a body (HEAD), see actors/s3_retry.py
+
+
+# Transient storage errors (throttling, 5xx, connection resets, timeouts) are retried inside the task by the
+# storage libraries themselves: botocore (standard mode: exponential backoff with jitter, up to
+# S3_MAX_ATTEMPTS attempts per request; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override it) and, around that,
+# s3fs (its `retries`, default 5, for SlowDown, timeouts and dropped connections).
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+def s3_client_config() -> dict[str, Any]:
+    """botocore.client.Config arguments for the retries and timeouts above."""
+    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
+    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        config["retries"] = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+    return config
+
 
 def storage_options(uri: str, *, s3_endpoint: str | None = None, anon: bool = False) -> dict[str, Any]:
     """fsspec options for `uri`; secrets stay in the AWS env/config chain, never in our config."""
     if not uri.startswith(("s3://", "s3a://")):
         return {}
-    opts: dict[str, Any] = {"anon": anon}
+    opts: dict[str, Any] = {"anon": anon, "config_kwargs": s3_client_config()}
     endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
