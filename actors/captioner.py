@@ -58,7 +58,7 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
               "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
+              "vision_ms", "vision_groups", "vision_groups_encoded", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
@@ -69,12 +69,13 @@ def frames_from_row(row: dict) -> np.ndarray:
 class VideoCaptioner:
     def __init__(self, *, model: str, prune: PruneSpec, max_new_tokens: int = 64, batch_size: int = 4,
                  revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
-                 device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None):
+                 device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None,
+                 skip_threshold: float | None = None):
         attn = "eager" if prune.query_dependent else None  # FastV reads attention weights
         self.model, self.processor, self.device = load_model(
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
             attn_implementation=attn, storage_options=storage_options)
-        self.adapter = make_adapter(self.model, self.processor)
+        self.adapter = make_adapter(self.model, self.processor, skip_threshold=skip_threshold)
         self.prune = prune
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -141,7 +142,9 @@ class VideoCaptioner:
                 out.append(self._row(r, pid, prompt, status="ok", text=text.strip(),
                                      visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
                                      iwp_residual=p.residual, retention_used=p.retention_used,
-                                     vision_ms=vision_ms, prune_ms=p.prune_ms,
+                                     vision_ms=vision_ms, vision_groups=enc.layout.n_chunks,
+                                     vision_groups_encoded=enc.meta.get("groups_encoded", enc.layout.n_chunks),
+                                     prune_ms=p.prune_ms,
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
                                      new_tokens=gen.new_tokens))
         return out

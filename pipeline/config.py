@@ -46,6 +46,11 @@ class RunConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    # vision skip: a temporal group whose frames repeat the last encoded group reuses its embeddings
+    vision_skip: bool = Field(True, description="skip the vision tower on temporal groups that repeat an earlier one")
+    vision_skip_threshold: float = Field(1.0, ge=0, description="mean absolute pixel difference (0-255, ~32 px "
+                                         "copy) at or below which a group counts as a repeat (= actors.vision_skip)")
+
     # pruning
     pruner: str = "none"
     retention: float = Field(1.0, gt=0, le=1)
@@ -110,6 +115,10 @@ class RunConfig(BaseModel):
         return self
 
     # --- derived ---
+    def skip_threshold(self) -> float | None:
+        """The vision-skip threshold the model actor uses, None when the skip is off."""
+        return self.vision_skip_threshold if self.vision_skip else None
+
     def labeling_hash(self) -> str:
         """Hash of everything that changes a row's text: resume skips rows with the same hash."""
         keys = ["model", "model_revision", "task", "prompt", "questions", "num_frames", "fps", "max_frames",
@@ -117,6 +126,8 @@ class RunConfig(BaseModel):
                 "iwp_temperature", "iwp_floor", "iwp_chunking", "iwp_head_agg", "iwp_layer", "max_residual",
                 "max_retention", "seed", "dtype"]
         payload = {k: getattr(self, k) for k in keys}
+        if self.vision_skip:  # off: the hash of a run before the skip existed, whose rows stay valid
+            payload["vision_skip_threshold"] = self.vision_skip_threshold
         if self.questions and Path(self.questions).is_file():
             payload["questions_sha"] = hashlib.sha256(Path(self.questions).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

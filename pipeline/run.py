@@ -143,7 +143,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                    device="cuda" if gpus and cfg.device == "auto" else cfg.device,
                                    storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
                                                                    anon=cfg.anon),
-                                   row_defaults=row_defaults))
+                                   row_defaults=row_defaults, skip_threshold=cfg.skip_threshold()))
     return ds
 
 
