@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 # Mean absolute difference (0-255 scale, on a ~32 px downscaled copy) at or below which a group counts as a
-# repeat of the last encoded group. Measured in docs/benchmarks.md ("Vision skip"): decoded h264 frames of a
-# still scene differ by <= 0.6 from their neighbours, a 24 px object moving in a 112 px frame by >= 1.5.
+# repeat of the last encoded group. Measured (docs/benchmarks.md, "Vision skip"): a still scene through h264
+# differs by <= 0.1 between groups, a still scene with two small (1/16 side) moving objects by 0.13-0.64, a
+# camera pan or a large (1/4 side) moving object by >= 5.6: 1.0 skips the first two and never the last two.
 DEFAULT_SKIP_THRESHOLD = 1.0
 DOWNSCALE_SIDE = 32  # the short side of the copy the difference is taken on
 
