@@ -165,6 +165,15 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
     parts = sorted(fs.glob(join(root, "*.parquet")))
     if len(parts) == 0:
         return report
+    tables, allrows = _keyed_rows(fs, parts)
+    drop = _rows_to_drop(allrows, parts)
+    report.duplicates_removed = sum(len(v) for v in drop.values())
+    _remove_rows(fs, output, parts, tables, drop, report, s3_endpoint=s3_endpoint, anon=anon)
+    return report
+
+
+def _keyed_rows(fs, parts: list[str]) -> tuple[list[pa.Table], pa.Table]:
+    """Each part's key columns, and all of them in one table tagged with (part index, row index)."""
     from concurrent.futures import ThreadPoolExecutor
 
     cols = [*KEY_COLUMNS, "status", "created_at"]
@@ -175,13 +184,16 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
         t = conform(t).select(cols)
         keyed.append(t.append_column("_part", pa.array([i] * t.num_rows, pa.int32()))
                       .append_column("_row", pa.array(range(t.num_rows), pa.int64())))
-    allrows = pa.concat_tables(keyed)
+    return tables, pa.concat_tables(keyed)
+
+
+def _rows_to_drop(allrows: pa.Table, parts: list[str]) -> dict[int, set[int]]:
+    """{part index: row indices} of every row but the best one of each duplicated key."""
     counts = allrows.group_by(list(KEY_COLUMNS)).aggregate([("_row", "count")])
     dup_keys = counts.filter(pc.greater(counts["_row_count"], 1)).select(list(KEY_COLUMNS))
     if dup_keys.num_rows == 0:
-        return report
+        return {}
     dups = allrows.join(dup_keys, keys=list(KEY_COLUMNS), join_type="inner")
-
     never = datetime.min.replace(tzinfo=timezone.utc)
     best: dict[tuple, tuple] = {}
     members: dict[tuple, list[tuple[int, int]]] = {}
@@ -197,8 +209,12 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
         for part_row in rows:
             if part_row != keep:
                 drop.setdefault(part_row[0], set()).add(part_row[1])
-    report.duplicates_removed = sum(len(v) for v in drop.values())
+    return drop
 
+
+def _remove_rows(fs, output: str, parts: list[str], tables: list[pa.Table], drop: dict[int, set[int]],
+                 report: CompactionReport, *, s3_endpoint: str | None, anon: bool) -> None:
+    """Delete parts whose rows all go, then rewrite the others atomically without their dropped rows."""
     emptied = [i for i, rows in drop.items() if len(rows) == tables[i].num_rows]
     for i in emptied:  # first: a rewrite below may take the name of one of these parts
         fs.rm_file(parts[i])
@@ -212,7 +228,6 @@ def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: boo
         if new_path.rstrip("/").rsplit("/", 1)[-1] != parts[i].rstrip("/").rsplit("/", 1)[-1]:
             fs.rm_file(parts[i])
         report.parts_rewritten += 1
-    return report
 
 
 __all__ = ["OUTPUT_SCHEMA", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
