@@ -18,6 +18,7 @@ MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 class VideoInput:
     uri: str
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, prompt)
+    reference: str | None = None  # a manifest's `reference` (e.g. a ground-truth caption), copied into the rows
 
     @property
     def video_id(self) -> str:
@@ -133,7 +134,9 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                     own += [qs] if isinstance(qs, str) else list(qs)
                 if row.get("question"):
                     own.append(row["question"])
-                inputs.append(VideoInput(resolve_relative(str(row["uri"]), cfg.input), _prompt_pairs(own)))
+                reference = row.get("reference")
+                inputs.append(VideoInput(resolve_relative(str(row["uri"]), cfg.input), _prompt_pairs(own),
+                                         None if reference is None else str(reference)))
         elif any(c in path for c in "*?["):
             inputs = [VideoInput(_with_protocol(fs, p, cfg.input), _prompt_pairs(prompts))
                       for p in sorted(fs.glob(path)) if fs.isfile(p)]

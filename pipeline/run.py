@@ -56,7 +56,8 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
-    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"], "status": "ok",
+    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"],
+           "reference": row.get("reference"), "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
            "height": None, "decode_ms": None}
@@ -117,7 +118,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
 
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts)} for v in todo]
+    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference}
+             for v in todo]
     # small blocks early: decode starts at once and a slow file holds back few others
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
     ds = ds.map(decode_row, fn_kwargs=dict(spec=SamplingSpec.from_config(cfg), timeout_s=cfg.decode_timeout_s,
@@ -175,8 +177,12 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
 def write_state(cfg: RunConfig, summary: RunSummary) -> None:
     fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     fs.makedirs(join(root, STATE_DIR), exist_ok=True)
+    from pipeline.decode import SamplingSpec
+
+    # the sampling lets `framescribe report` decode the very frames the model saw
     payload = {**asdict(summary), "videos_per_s": summary.videos_per_s, "pipeline_version": __version__,
-               "finished_at": datetime.now(timezone.utc).isoformat()}
+               "finished_at": datetime.now(timezone.utc).isoformat(),
+               "sampling": asdict(SamplingSpec.from_config(cfg)), "decode_timeout_s": cfg.decode_timeout_s}
     with fs.open(join(root, STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
         json.dump(payload, f, indent=2, default=str)
 
@@ -209,7 +215,7 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
             have = {pid for pid, _ in todo[v.video_id].prompts}
             todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
         elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing)
+            todo[v.video_id] = VideoInput(v.uri, missing, v.reference)
     todo = list(todo.values())
     if todo:
         if not ray.is_initialized():
