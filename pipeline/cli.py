@@ -13,6 +13,7 @@ import typer
 import typer.core
 import typer.main
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+EXIT_LEASE_HELD = 4  # another run holds the output's lease (one writer per output; --wait-lease waits)
 
 
 def _flag_type(annotation):
@@ -75,14 +77,21 @@ def print_summary(summary) -> None:
 
 
 def execute(cfg: RunConfig) -> int:
-    """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 1 failed)."""
+    """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 4 output busy, 1 failed)."""
+    from pipeline.lease import LeaseHeld, LeaseLost
     from pipeline.run import ErrorRatioExceeded, run_pipeline
 
     try:
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, log=lambda line: console.print(escape(line)))
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
+    except LeaseHeld as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return EXIT_LEASE_HELD
+    except LeaseLost as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return EXIT_FAILED
     except ErrorRatioExceeded as e:
         print_summary(e.summary)
         console.print(f"[red]error:[/red] {e}")

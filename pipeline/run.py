@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -74,9 +75,10 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
             "decode_ms": video.decode_ms}
 
 
-def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
-    """Everything that can fail fast, before Ray starts: model, input listing, output access."""
-    from actors.loading import ModelLoadError, check_model_available
+def preflight(cfg: RunConfig) -> tuple[RunConfig, list[VideoInput]]:
+    """Everything that can fail fast, before the lease and Ray: model (its hub revision pinned), input listing,
+    output access. Returns the config with `model_revision` resolved to a commit, and the inputs."""
+    from actors.loading import ModelLoadError, check_model_available, resolve_revision
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
@@ -84,23 +86,29 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
     check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
     try:
         check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
+        revision = resolve_revision(cfg.model, cfg.model_revision)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    inputs = discover_inputs(cfg)
+    if revision != cfg.model_revision:  # a branch or tag moves: rows and the labeling hash name the commit
+        cfg = cfg.model_copy(update={"model_revision": revision})
+    return cfg, discover_inputs(cfg)
+
+
+def prepare_output(cfg: RunConfig) -> set:
+    """Under the output's lease: --overwrite clears it; returns the (video, prompt) keys already done."""
     try:
         fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
         if cfg.overwrite:
             for p in fs.glob(join(root, "*.parquet")) + fs.glob(join(root, "_tmp-*")):
                 fs.rm(p)
         fs.makedirs(root, exist_ok=True)
-        done = set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
+        return set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
                                                      include_errors=not cfg.retry_errors,
                                                      s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    return inputs, done
 
 
 def _gpu_count() -> float:
@@ -197,15 +205,40 @@ def _compact(cfg: RunConfig, *, before_run: bool) -> int:
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary:
-    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
+def output_lease(cfg: RunConfig, log=print):
+    """The output's lease as this config asks for it (see pipeline/lease.py)."""
+    from pipeline.lease import hold_output_lease, lease_owner
+
+    return hold_output_lease(cfg.output, ttl_s=cfg.lease_ttl, wait=cfg.wait_lease, wait_timeout_s=cfg.wait_timeout,
+                             owner=lease_owner(cfg.run_id), s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, log=log)
+
+
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, lease=None,
+                 log=print) -> RunSummary:
+    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
+
+    The run holds the output's lease from before its first write to after its last: pass `lease` when the
+    caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
+    """
+    t0 = time.perf_counter()
+    cfg, discovered = preflight(cfg)
+    inputs = discovered if inputs is None else inputs
+    if lease is not None:
+        return _run_held(cfg, inputs, t0)
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lease(cfg, log=log))
+        except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
+            raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
+        return _run_held(cfg, inputs, t0)
+
+
+def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float) -> RunSummary:
     import ray
 
-    t0 = time.perf_counter()
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
-    discovered, done = preflight(cfg)
-    inputs = discovered if inputs is None else inputs
+    done = prepare_output(cfg)
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
     dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
     todo: dict[str, VideoInput] = {}
