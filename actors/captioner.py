@@ -73,8 +73,8 @@ ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error
               "run_attempt", "pruner", "retention", "compensation", "retention_used", "visual_tokens_full",
               "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "decoder", "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens", "kept_token_indices",
-              "token_grid", "reference")
+              "decoder", "vision_ms", "vision_groups", "vision_groups_encoded", "prune_ms", "prefill_ms",
+              "generate_ms", "new_tokens", "kept_token_indices", "token_grid", "reference")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
@@ -94,12 +94,12 @@ class VideoCaptioner:
                  revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
                  device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None,
                  attempts_root: str | None = None, attempts_storage_options: dict | None = None,
-                 max_crashes: int = 2):
+                 max_crashes: int = 2, skip_threshold: float | None = None):
         attn = "eager" if prune.query_dependent else None  # FastV reads attention weights
         self.model, self.processor, self.device = load_model(
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
             attn_implementation=attn, storage_options=storage_options)
-        self.adapter = make_adapter(self.model, self.processor)
+        self.adapter = make_adapter(self.model, self.processor, skip_threshold=skip_threshold)
         if uses_bias(prune.compensation):
             check_bias_support(self.model)  # fail at actor start, not per batch
         self.prune = prune
@@ -202,7 +202,9 @@ class VideoCaptioner:
                                      visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
                                      kept_token_indices=p.keep.tolist(), token_grid=token_grid(enc),
                                      iwp_residual=p.residual, retention_used=p.retention_used,
-                                     vision_ms=vision_ms, prune_ms=p.prune_ms,
+                                     vision_ms=vision_ms, vision_groups=enc.layout.n_chunks,
+                                     vision_groups_encoded=enc.meta.get("groups_encoded", enc.layout.n_chunks),
+                                     prune_ms=p.prune_ms,
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
                                      new_tokens=gen.new_tokens))
         return out

@@ -74,6 +74,12 @@ class RunConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model weights' dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when the actor has a GPU)")
 
+    # vision skip: a temporal group whose frames repeat the last encoded group reuses its embeddings
+    vision_skip: bool = Field(False, description="skip the vision tower on temporal groups that repeat an earlier one "
+                              "(off by default until its quality run is done: docs/benchmarks.md)")
+    vision_skip_threshold: float = Field(1.0, ge=0, description="mean absolute pixel difference (0-255, ~32 px "
+                                         "copy) at or below which a group counts as a repeat (= actors.vision_skip)")
+
     # pruning
     pruner: str = Field("none", description="visual-token pruner (none keeps every token)",
                         json_schema_extra={"choices": PRUNERS})
@@ -156,6 +162,10 @@ class RunConfig(BaseModel):
         return self
 
     # --- derived ---
+    def skip_threshold(self) -> float | None:
+        """The vision-skip threshold the model actor uses, None when the skip is off."""
+        return self.vision_skip_threshold if self.vision_skip else None
+
     def labeling_inputs(self) -> dict[str, Any]:
         """What the labeling hash covers (README "Versioning"): every option that changes a row's text,
         in one spelling. The prompt itself is the row's `prompt_id`, so --prompt/--questions are not here
@@ -171,7 +181,9 @@ class RunConfig(BaseModel):
                 "iwp_floor": self.iwp_floor, "iwp_chunking": self.iwp_chunking, "iwp_head_agg": self.iwp_head_agg,
                 "iwp_layer": self.iwp_layer, "compensation": self.compensation,
                 "compensation_assignment": self.compensation_assignment, "max_residual": self.max_residual,
-                "max_retention": self.max_retention, "seed": self.seed, "dtype": self.dtype}
+                "max_retention": self.max_retention, "seed": self.seed, "dtype": self.dtype,
+                # only while the skip is on (off: the frames the tower sees are exactly the unskipped ones)
+                **({"vision_skip_threshold": self.vision_skip_threshold} if self.vision_skip else {})}
 
     def labeling_hash(self) -> str:
         """Hash of everything that changes a row's text, normalised: resume skips rows with the same hash."""

@@ -279,7 +279,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                        attempts_root=attempts_root(cfg, labeling_hash),
                                        attempts_storage_options=storage_options(
                                            cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
-                                       max_crashes=cfg.model_retries))
+                                       max_crashes=cfg.model_retries,
+                                       skip_threshold=cfg.skip_threshold()))
     return ds
 
 
