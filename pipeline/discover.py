@@ -26,6 +26,18 @@ class VideoInput:
         return video_id_for(self.key or self.uri)
 
 
+
+def jsonl_objects(text: str, where: str):
+    """(line number, parsed object) for each non-blank line of a .jsonl text; a bad line is a ConfigError
+    naming `where` and the line."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} line {i} is not JSON: {e}") from None
+
 def video_id_for(key: str) -> str:
     """Stable id of a video: the hash of its key (same file, same id across runs and machines)."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
@@ -85,13 +97,7 @@ def load_questions(path: str, cfg: RunConfig) -> list[str | tuple[str, str]]:
         raise ConfigError(f"questions: {path} is not UTF-8 text: {e}") from None
     if path.endswith(".jsonl"):
         out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"questions: {path} line {i} is not JSON: {e}") from None
+        for i, obj in jsonl_objects(text, f"questions: {path}"):
             if isinstance(obj, str) and obj.strip():
                 out.append(obj)
                 continue
@@ -147,13 +153,7 @@ def _manifest_rows(cfg: RunConfig, fs, path: str) -> list[dict]:
     text = fs.cat_file(path).decode("utf-8")
     if path.endswith(".jsonl"):
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"input: manifest {cfg.input} line {i} is not JSON: {e}") from None
+        for i, obj in jsonl_objects(text, f"input: manifest {cfg.input}"):
             if not isinstance(obj, dict) or not obj.get("uri"):
                 raise ConfigError(f"input: manifest {cfg.input} line {i} has no 'uri'")
             rows.append(obj)
