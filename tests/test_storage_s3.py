@@ -50,7 +50,7 @@ def test_discover_lists_prefix_and_reads_manifest_from_s3(s3, bucket_with_videos
         {"uri": f"s3://{b}/videos/missing.mp4", "prompt": "What is shown?"},
     ]).encode())
     got = discover_inputs(cfg.model_copy(update={"input": f"s3://{b}/lists/m.jsonl"}))
-    assert [v.uri for v in got] == [f"s3://{b}/lists/../videos/{corpus[0]['h264'].path.name}",
+    assert [v.uri for v in got] == [f"s3://{b}/videos/{corpus[0]['h264'].path.name}",  # canonical: no ../
                                     f"s3://{b}/videos/missing.mp4"]
     assert got[1].prompts[0][1] == "What is shown?"
 
@@ -99,7 +99,8 @@ def test_decode_from_bucket_matches_local_decode(s3, bucket_with_videos, corpus,
     monkeypatch.setattr(type(fs), "open", spy_open)
     in_proc = decode_video(uri, spec, filesystem=fs)
     assert np.array_equal(in_proc.frames, local.frames)
-    assert reads == [()]  # decord reads the object once, whole (a single GET), not with seeks
+    # the object is read once, whole (a single GET), not with seeks; only a small head sniff besides
+    assert reads.count(()) == 1 and all(a == () or a[0] <= 512 for a in reads), reads
     monkeypatch.setattr(decode, "IN_MEMORY_MAX_BYTES", 1)  # big objects: streamed to a temp file
     before = set(os.listdir(tempfile.gettempdir()))
     via_tmp = decode_video(uri, spec, filesystem=fs)
@@ -264,7 +265,8 @@ def test_cli_s3_in_and_out_with_s3_model_manifest_resume_and_no_leaks(s3, bucket
         fetched = list((cache / "models").iterdir())
         assert len(fetched) == 1 and (fetched[0] / "config.json").is_file()
         # no credentials (nor the endpoint) in rows, state json, CLI output or Ray's logs
-        state = [json.loads(v) for k, v in objects.items() if "/_framescribe/" in k and k.endswith(".json")]
+        state = [json.loads(v) for k, v in objects.items()
+                     if "/_framescribe/run-" in k and k.endswith(".json")]  # the run record (lease, schema beside it)
         assert len(state) == 1 and state[0]["rows"] == len(rows) == state[0]["videos_total"]
         assert state[0]["videos_skipped"] == 0 and state[0]["duplicates_removed"] == 0
         endpoint = s3.endpoint.split("//", 1)[1]
