@@ -84,7 +84,7 @@ def pair_duplication(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
     return (a.head_weights * b.head_weights * per_head).sum(-1)
 
 
-def _duplication_matrix(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
+def duplication_matrix(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
     """Dense (Na, Nb) duplication, built in row blocks to bound memory."""
     n_a, n_b = a.keys.shape[0], b.keys.shape[0]
     per_row = max(1, n_b * a.keys.shape[1] * max(a.keys.shape[2], a.unit_values.shape[2]))
@@ -126,7 +126,7 @@ def duplication(
     b = token_features(keys_b, values_b, settings)
     if a.keys.shape[1:] != b.keys.shape[1:] or a.unit_values.shape[1:] != b.unit_values.shape[1:]:
         raise ValueError("the two token sets must have the same heads and head dims")
-    return _duplication_matrix(a, b)
+    return duplication_matrix(a, b)
 
 
 def _keep_mask(keep: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

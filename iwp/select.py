@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .layout import TokenLayout
-from .metric import TokenFeatures, _duplication_matrix, pair_duplication, token_features
+from .metric import TokenFeatures, duplication_matrix, pair_duplication, token_features
 from .settings import IWPSettings
 
 ANY_CHUNK = -1  # schedule entry: the pick may come from any chunk
@@ -300,7 +300,7 @@ def select_tokens_mmr_exact(
     if not 0 <= budget <= n:
         raise ValueError(f"budget must be in [0, {n}], got {budget}")
     mhat = normalized_magnitude(f.log_magnitude, settings)
-    dup = _duplication_matrix(f, f)
+    dup = duplication_matrix(f, f)
     taken = torch.zeros(n, dtype=torch.bool, device=mhat.device)
     picked: list[int] = []
     for _ in range(budget):
