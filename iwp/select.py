@@ -134,9 +134,9 @@ def _picked_rows(feats: TokenFeatures, pick: torch.Tensor) -> TokenFeatures:
 def content_ids(*parts: torch.Tensor | None) -> torch.Tensor:
     """Per token of one video, an id shared exactly by the tokens whose parts (N, ...) are all equal bit for bit."""
     n = parts[0].shape[0]
-    flat = torch.cat([p.reshape(n, -1) for p in parts if p is not None], dim=1)
     if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=keys.device)
+        return torch.zeros(0, dtype=torch.long, device=parts[0].device)
+    flat = torch.cat([p.reshape(n, -1) for p in parts if p is not None], dim=1)
     return torch.unique(flat, dim=0, return_inverse=True)[1]
 
 
