@@ -61,6 +61,8 @@ def print_summary(summary) -> None:
             ("visual tokens kept / full", f"{summary.visual_tokens_kept} / {summary.visual_tokens_full}"),
             ("videos/s", f"{summary.videos_per_s:.2f} ({summary.seconds:.1f} s)"),
             ("output", summary.output), ("run id", summary.run_id)]
+    if getattr(summary, "log_file", ""):
+        rows.append(("log file", summary.log_file))
     if summary.error_types:
         rows.insert(2, ("errors by type", ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_types.items()))))
     if getattr(summary, "duplicates_removed", 0):
@@ -73,12 +75,39 @@ def print_summary(summary) -> None:
     Console().print(t)
 
 
+def print_plan(cfg: RunConfig, plan) -> None:
+    """`--dry-run`: what the run would do, and an estimate of how long it takes."""
+    from pipeline.run import estimate
+
+    est = estimate(cfg, plan)
+    t = Table(title="framescribe plan (dry run: nothing labeled)", show_header=False)
+    skipped = plan.n_videos - (plan.limited_from or len(plan.todo))
+    rows = [("inputs found", f"{plan.n_videos} videos"),
+            ("already labeled", f"{skipped} videos (this labeling config)"),
+            ("to do", f"{len(plan.todo)} videos, {plan.rows_todo} rows (video x prompt)"
+                      + (f" (--limit {cfg.limit} of {plan.limited_from})" if plan.limited_from else "")),
+            ("output parts", f"{len(plan.index.live)} ({plan.index.keys.num_rows} rows)")]
+    if est.decode_s_per_video is not None:
+        rows.append(("decode sample", f"{est.sample} videos, {est.decode_s_per_video:.2f} s/video (one CPU)"))
+    if est.previous_videos_per_s:
+        rows.append(("previous run", f"{est.previous_videos_per_s:.2f} videos/s"))
+    if est.eta_s is not None:
+        basis = "previous run's rate" if est.previous_videos_per_s else "decode only, one CPU: a lower bound"
+        rows.append(("estimate", f"{est.eta_s / 60:.1f} min ({basis})"))
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
 def execute(cfg: RunConfig) -> int:
     """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 1 failed)."""
     from pipeline.run import ErrorRatioExceeded, run_pipeline
 
     try:
         summary = run_pipeline(cfg)
+        if cfg.dry_run:
+            print_plan(cfg, summary)
+            return 0
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG

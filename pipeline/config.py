@@ -70,6 +70,10 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     retry_errors: bool = False
     run_id: Optional[str] = None
+    part_rows: int = Field(50_000, ge=1, description="target rows per output Parquet part; smaller parts are merged at the end of a run")
+    dry_run: bool = Field(False, description="print the plan (found, already labeled, to do, time estimate) and label nothing")
+    limit: Optional[int] = Field(None, ge=1, description="label only the first N videos still to do (a pilot run)")
+    verbose: bool = Field(False, description="show Ray's own logs on the console (else they go to the run's log file)")
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")
 

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
-import pyarrow.compute as pc
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VideoInput, discover_inputs
-from pipeline.output import STATE_DIR, AtomicParquetSink, compact_duplicates, done_keys, read_rows
-from pipeline.storage import check_bucket, get_fs, join, storage_options
+from pipeline.output import (CHECKPOINT_ROWS, STATE_DIR, AtomicParquetSink, CompactionReport, OutputIndex,
+                             compact)
+from pipeline.storage import Location, check_bucket, storage_options
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RunSummary:
     seconds: float = 0.0
     error_types: dict = field(default_factory=dict)
     duplicates_removed: int = 0      # rows dropped by compaction (start + end of the run): one row per key
+    log_file: str = ""               # Ray's logs and warnings of this run
 
     @property
     def videos_per_s(self) -> float:
@@ -73,8 +75,24 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
             "decode_ms": video.decode_ms}
 
 
-def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
-    """Everything that can fail fast, before Ray starts: model, input listing, output access."""
+@dataclass
+class RunPlan:
+    """What a run will do, known before Ray starts (also what `--dry-run` prints)."""
+    inputs: list[VideoInput]
+    todo: list[VideoInput]
+    index: OutputIndex
+    n_videos: int                    # distinct videos found (a URI listed twice is one video)
+    duplicates_removed: int = 0
+    limited_from: int | None = None  # videos to do before --limit
+
+    @property
+    def rows_todo(self) -> int:
+        return sum(len(v.prompts) for v in self.todo)
+
+
+def preflight(cfg: RunConfig) -> tuple[list[VideoInput], OutputIndex]:
+    """Everything that can fail fast, before Ray starts: model, input listing, output access; then one
+    listing and one key-column read of the output (`OutputIndex`) for resume, compaction and summary."""
     from actors.loading import ModelLoadError, check_model_available
 
     opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
@@ -87,19 +105,83 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], set]:
         raise ConfigError(str(e)) from None
     inputs = discover_inputs(cfg)
     try:
-        fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-        if cfg.overwrite:
-            for p in fs.glob(join(root, "*.parquet")) + fs.glob(join(root, "_tmp-*")):
-                fs.rm(p)
-        fs.makedirs(root, exist_ok=True)
-        done = set() if cfg.overwrite else done_keys(cfg.output, cfg.labeling_hash(),
-                                                     include_errors=not cfg.retry_errors,
-                                                     s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        out = Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        if cfg.overwrite and not cfg.dry_run:
+            for p in out.fs.glob(out.path("*.parquet")) + out.fs.glob(out.path("_tmp-*")):
+                out.fs.rm(p)
+        if not cfg.dry_run:
+            out.fs.makedirs(out.root, exist_ok=True)
+        index = OutputIndex(out) if cfg.overwrite else OutputIndex.load(out)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    return inputs, done
+    return inputs, index
+
+
+def plan_run(cfg: RunConfig, inputs: list[VideoInput] | None = None) -> RunPlan:
+    """Preflight, heal the output (compaction), and work out the (video, prompt) pairs still to do."""
+    discovered, index = preflight(cfg)
+    inputs = discovered if inputs is None else inputs
+    # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
+    dups = 0 if (cfg.overwrite or cfg.dry_run) else _compact(cfg, index, before_run=True).duplicates_removed
+    done = index.done_keys(cfg.labeling_hash(), include_errors=not cfg.retry_errors)
+    todo: dict[str, VideoInput] = {}
+    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
+        vid = v.video_id
+        missing = [(pid, p) for pid, p in v.prompts if (vid, pid) not in done]
+        if vid in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
+            have = {pid for pid, _ in todo[vid].prompts}
+            todo[vid].prompts.extend((pid, p) for pid, p in missing if pid not in have)
+        elif missing:
+            todo[vid] = VideoInput(v.uri, missing)
+    plan = RunPlan(inputs=inputs, todo=list(todo.values()), index=index,
+                   n_videos=len({v.video_id for v in inputs}), duplicates_removed=dups)
+    if cfg.limit is not None and len(plan.todo) > cfg.limit:
+        plan.limited_from = len(plan.todo)
+        plan.todo = plan.todo[:cfg.limit]
+    return plan
+
+
+@dataclass
+class Estimate:
+    sample: int = 0                         # to-do videos decoded as a sample
+    decode_s_per_video: float | None = None
+    previous_videos_per_s: float | None = None  # from the latest earlier run's summary in the state folder
+    eta_s: float | None = None
+
+
+def estimate(cfg: RunConfig, plan: RunPlan, *, sample: int = 3) -> Estimate:
+    """Time estimate for a dry run: decode a few to-do videos here (no Ray, no model), and take the rate
+    of the latest earlier run on this output when there is one (that includes the model)."""
+    from pipeline.decode import DecodeError, SamplingSpec, decode_video
+
+    est = Estimate()
+    spec = SamplingSpec.from_config(cfg)
+    times = []
+    for v in plan.todo[:sample]:
+        t = time.perf_counter()
+        try:
+            fs = Location.resolve(v.uri, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon).fs
+            decode_video(v.uri, spec, filesystem=fs)
+        except DecodeError:
+            pass  # a failing file costs its time too
+        times.append(time.perf_counter() - t)
+    if times:
+        est.sample, est.decode_s_per_video = len(times), sum(times) / len(times)
+    out = plan.index.loc
+    try:
+        states = sorted(out.fs.glob(out.path(STATE_DIR, "run-*.json")))
+        rates = [json.loads(out.fs.cat_file(p)).get("videos_per_s") for p in states[-5:]]
+        rates = [r for r in rates if r]
+        est.previous_videos_per_s = rates[-1] if rates else None
+    except Exception:
+        pass
+    if est.previous_videos_per_s:
+        est.eta_s = len(plan.todo) / est.previous_videos_per_s
+    elif est.decode_s_per_video is not None:  # decode only: a lower bound (one CPU, no model time)
+        est.eta_s = len(plan.todo) * est.decode_s_per_video
+    return est
 
 
 def _gpu_count() -> float:
@@ -147,12 +229,10 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     return ds
 
 
-def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_skipped: int,
-              seconds: float) -> RunSummary:
-    t = read_rows(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
-                  columns=["video_id", "status", "error_type", "frames_sampled", "visual_tokens_full",
-                           "visual_tokens_kept", "run_id", "prompt_id"])
-    t = t.filter(pc.equal(t["run_id"], run_id))
+def summarize(cfg: RunConfig, index: OutputIndex, run_id: str, labeling_hash: str, n_total: int,
+              n_skipped: int, seconds: float) -> RunSummary:
+    t = index.rows_of_run(run_id, ["video_id", "status", "error_type", "frames_sampled", "visual_tokens_full",
+                                   "visual_tokens_kept"])
     s = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash, videos_total=n_total,
                    videos_skipped=n_skipped, rows=t.num_rows, seconds=seconds)
     per_video: dict[str, dict] = {}
@@ -172,56 +252,93 @@ def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_s
     return s
 
 
-def write_state(cfg: RunConfig, summary: RunSummary) -> None:
-    fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-    fs.makedirs(join(root, STATE_DIR), exist_ok=True)
+def write_state(out: Location, summary: RunSummary) -> None:
+    out.fs.makedirs(out.path(STATE_DIR), exist_ok=True)
     payload = {**asdict(summary), "videos_per_s": summary.videos_per_s, "pipeline_version": __version__,
                "finished_at": datetime.now(timezone.utc).isoformat()}
-    with fs.open(join(root, STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
+    with out.fs.open(out.path(STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
         json.dump(payload, f, indent=2, default=str)
 
 
-def _compact(cfg: RunConfig, *, before_run: bool) -> int:
-    """Compaction of the output (see `compact_duplicates`); returns the number of rows dropped."""
+def _compact(cfg: RunConfig, index: OutputIndex, *, before_run: bool) -> CompactionReport:
+    """Compaction of the output (see `compact`): duplicates before the run; after it, small parts too."""
     try:
-        return compact_duplicates(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon).duplicates_removed
+        return compact(index, part_rows=None if before_run else cfg.part_rows)
     except Exception as e:
         if not before_run:
             raise
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary:
-    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work)."""
+def log_path_for(cfg: RunConfig, out: Location, run_id: str) -> Path:
+    """Where the run's log file is written: in the output's state folder when the output is local disk,
+    else in a local temp folder (uploaded to the state folder at the end)."""
+    if not out.remote:
+        return Path(out.root) / STATE_DIR / "logs" / f"run-{run_id}.log"
+    return Path(tempfile.gettempdir()) / "framescribe-logs" / f"run-{run_id}.log"
+
+
+def _label(cfg: RunConfig, plan: RunPlan, run_id: str, labeling_hash: str) -> None:
+    """The Ray part of a run: the dataset is written while a progress display follows it."""
     import ray
+
+    from pipeline.progress import ProgressCounter, ProgressDisplay, count_rows
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
+                 log_to_driver=cfg.verbose, logging_level="INFO" if cfg.verbose else "WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    ds = build_dataset(cfg, plan.todo, run_id, labeling_hash)
+    ds = ds.map_batches(count_rows, batch_format="pyarrow", fn_kwargs=dict(counter=counter), zero_copy_batch=True)
+    prompts = {len(v.prompts) for v in plan.todo}
+    unit = "videos" if prompts == {1} else "labels (video x prompt)"
+    with ProgressDisplay(lambda: ray.get(counter.get.remote(), timeout=5), plan.rows_todo, unit):
+        ds.write_datasink(AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
+                                            checkpoint_rows=min(cfg.part_rows, CHECKPOINT_ROWS)))
+    ray.kill(counter)
+
+
+def _keep_log(out: Location, log_path: Path) -> str:
+    """The log file's final place: uploaded to the output's state folder when that is object storage."""
+    if not out.remote or not log_path.is_file():
+        return str(log_path) if log_path.is_file() else ""
+    try:
+        dest = out.path(STATE_DIR, "logs", log_path.name)
+        out.fs.put_file(str(log_path), dest)
+        return f"{out.uri.split('://', 1)[0]}://{dest}"
+    except Exception:  # losing the upload must not fail a finished run; the local copy stays
+        return str(log_path)
+
+
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary | RunPlan:
+    """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
+    With `dry_run`, returns the `RunPlan` and labels nothing."""
+    from pipeline.progress import restore_ray_logs, route_ray_logs
 
     t0 = time.perf_counter()
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
-    discovered, done = preflight(cfg)
-    inputs = discovered if inputs is None else inputs
-    # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
-    dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
-    todo: dict[str, VideoInput] = {}
-    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
-        missing = [(pid, p) for pid, p in v.prompts if (v.video_id, pid) not in done]
-        if v.video_id in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
-            have = {pid for pid, _ in todo[v.video_id].prompts}
-            todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
-        elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing)
-    todo = list(todo.values())
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
-                     log_to_driver=True)
-        build_dataset(cfg, todo, run_id, labeling_hash).write_datasink(
-            AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
-        dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
-    n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
-    summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)
-    summary.duplicates_removed = dups
-    write_state(cfg, summary)
+    plan = plan_run(cfg, inputs)
+    if cfg.dry_run:
+        return plan
+    index, out = plan.index, plan.index.loc
+    log_path = log_path_for(cfg, out, run_id)
+    log_file = ""
+    if plan.todo:  # a run with nothing to do imports no Ray at all
+        handler = route_ray_logs(log_path, verbose=cfg.verbose)
+        try:
+            _label(cfg, plan, run_id, labeling_hash)
+        finally:
+            restore_ray_logs(handler)
+            log_file = _keep_log(out, log_path)
+        index.refresh()  # one more listing: only the parts this run wrote are read
+    report = _compact(cfg, index, before_run=False)  # retried tasks, --retry-errors: one row per key
+    summary = summarize(cfg, index, run_id, labeling_hash, plan.n_videos, plan.n_videos - len(plan.todo),
+                        time.perf_counter() - t0)
+    summary.duplicates_removed = plan.duplicates_removed + report.duplicates_removed
+    summary.log_file = log_file
+    write_state(out, summary)
     if summary.error_ratio > cfg.max_error_ratio:
         raise ErrorRatioExceeded(summary, cfg.max_error_ratio)
     return summary
