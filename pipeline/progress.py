@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 
 LINE_EVERY_S = 5.0   # progress line period when stderr is not a terminal
 POLL_S = 1.0
-_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
 class ProgressCounter:
@@ -33,11 +32,30 @@ class ProgressCounter:
         return self.ok, self.error
 
 
-def count_rows(batch: pa.Table, *, counter) -> pa.Table:
-    """Ray Data map_batches fn after the model: report this batch's ok / error rows (fire and forget)."""
-    n_ok = pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0 if batch.num_rows else 0
+def report_batch(batch: pa.Table, counter) -> None:
+    """Tell the counter this batch's ok / error rows (fire and forget)."""
+    if counter is None or batch.num_rows == 0:
+        return
+    n_ok = pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
     counter.add.remote(n_ok, batch.num_rows - n_ok)
-    return batch
+
+
+def counting(model_cls):
+    """`model_cls` that reports each labeled batch to a ProgressCounter (the `progress_counter` argument):
+    counted where rows are made, not at the sink, which gathers rows before it commits a part."""
+
+    class Counting(model_cls):
+        def __init__(self, *args, progress_counter=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._progress_counter = progress_counter
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            report_batch(out, self._progress_counter)
+            return out
+
+    Counting.__name__ = Counting.__qualname__ = model_cls.__name__  # Ray names the stage after it
+    return Counting
 
 
 @dataclass
@@ -47,9 +65,12 @@ class Snapshot:
     ok: int
     error: int
     seconds: float
+    rate: float | None = None  # rows/s since the first rows came out (model loading left out)
 
     @property
     def per_s(self) -> float:
+        if self.rate is not None:
+            return self.rate
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -82,14 +103,28 @@ class ProgressDisplay:
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="framescribe-progress", daemon=True)
         self.last: Snapshot | None = None
+        self._first: tuple[float, int] | None = None
+        self._printed = ""
 
     def snapshot(self) -> Snapshot:
         try:
             ok, error = self.read()
         except Exception:  # a counter that cannot be reached must never stop the run
             ok, error = (self.last.ok, self.last.error) if self.last else (0, 0)
-        self.last = Snapshot(ok + error, self.total, ok, error, time.perf_counter() - self._t0)
+        now, done = time.perf_counter(), ok + error
+        if done and self._first is None:
+            self._first = (now, done)
+        rate = None
+        if self._first and now > self._first[0] and done > self._first[1]:
+            rate = (done - self._first[1]) / (now - self._first[0])
+        self.last = Snapshot(done, self.total, ok, error, now - self._t0, rate)
         return self.last
+
+    def _print(self) -> None:
+        line = "progress: " + self.snapshot().line(self.unit)
+        if line != self._printed:
+            print(line, file=self.stream, flush=True)
+            self._printed = line
 
     def _loop(self) -> None:
         if self.live:
@@ -103,7 +138,7 @@ class ProgressDisplay:
                 live.update(self.snapshot().line(self.unit))
             return
         while not self._stop.wait(self.every_s):
-            print("progress: " + self.snapshot().line(self.unit), file=self.stream, flush=True)
+            self._print()
 
     def __enter__(self) -> "ProgressDisplay":
         self._thread.start()
@@ -113,37 +148,51 @@ class ProgressDisplay:
         self._stop.set()
         self._thread.join(timeout=10)
         if not self.live:
-            print("progress: " + self.snapshot().line(self.unit), file=self.stream, flush=True)
+            self._print()
 
 
-def route_ray_logs(log_path: Path, *, verbose: bool) -> logging.Handler:
-    """Send Ray's driver-side loggers and Python warnings to `log_path`; unless `verbose`, take Ray's
-    console handlers away (they come back with `restore_ray_logs`)."""
-    import ray.data  # noqa: F401  (configures the ray.data logger; we adjust it after)
+class ConsoleRoute:
+    """While labeling, without --verbose: the process's stderr (fd 2: Ray's Python loggers, its C++ core
+    worker lines, warnings) goes to the run's log file; `console` is the real stderr for our own lines."""
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler._framescribe_removed = []  # type: ignore[attr-defined]
-    for name in (*_RAY_LOGGERS, "py.warnings"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        if not verbose:
-            for h in list(logger.handlers):
-                if h is not handler and not isinstance(h, logging.FileHandler):
-                    logger.removeHandler(h)
-                    handler._framescribe_removed.append((logger, h))  # type: ignore[attr-defined]
-    if not verbose:
-        logging.getLogger("py.warnings").propagate = False
-        logging.captureWarnings(True)
-    return handler
+    def __init__(self, log_path: Path, *, verbose: bool):
+        self.log_path, self.verbose = log_path, verbose
+        self.console = sys.stderr
+        self._saved_fd: int | None = None
+        self._handler: logging.Handler | None = None
 
+    def __enter__(self) -> "ConsoleRoute":
+        import os
 
-def restore_ray_logs(handler: logging.Handler) -> None:
-    for logger, h in getattr(handler, "_framescribe_removed", []):
-        logger.addHandler(h)
-    for name in (*_RAY_LOGGERS, "py.warnings"):
-        logging.getLogger(name).removeHandler(handler)
-    logging.getLogger("py.warnings").propagate = True
-    logging.captureWarnings(False)
-    handler.close()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = logging.FileHandler(self.log_path, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("framescribe").addHandler(self._handler)
+        if self.verbose:
+            return self
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        self._tty = os.isatty(2)
+        with open(self.log_path, "ab", buffering=0) as log:
+            os.dup2(log.fileno(), 2)
+        self.console = os.fdopen(os.dup(self._saved_fd), "w", buffering=1)
+        logging.captureWarnings(True)  # deprecation warnings: into the log file (fd 2), once each
+        return self
+
+    @property
+    def is_tty(self) -> bool:
+        return self._tty if self._saved_fd is not None else self.console.isatty()
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        logging.getLogger("framescribe").removeHandler(self._handler)
+        self._handler.close()
+        if self._saved_fd is None:
+            return
+        sys.stderr.flush()
+        logging.captureWarnings(False)
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self.console.close()
+        self._saved_fd = None

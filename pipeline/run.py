@@ -190,11 +190,13 @@ def _gpu_count() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str):
+def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str, *,
+                  progress_counter=None):
     """The lazy Ray Data graph (nothing runs until it is written)."""
     import ray
 
     from actors.captioner import VideoCaptioner
+    from pipeline.progress import counting
     from actors.splice import PruneSpec
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
@@ -217,7 +219,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                     "run_id": run_id, "pipeline_version": __version__,
                     "created_at": datetime.now(timezone.utc)}
     ds = ds.map_batches(
-        VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+        counting(VideoCaptioner), batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         num_gpus=gpus, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, revision=cfg.model_revision,
@@ -225,7 +227,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                    device="cuda" if gpus and cfg.device == "auto" else cfg.device,
                                    storage_options=storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint,
                                                                    anon=cfg.anon),
-                                   row_defaults=row_defaults))
+                                   row_defaults=row_defaults, progress_counter=progress_counter))
     return ds
 
 
@@ -278,22 +280,22 @@ def log_path_for(cfg: RunConfig, out: Location, run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / "framescribe-logs" / f"run-{run_id}.log"
 
 
-def _label(cfg: RunConfig, plan: RunPlan, run_id: str, labeling_hash: str) -> None:
+def _label(cfg: RunConfig, plan: RunPlan, run_id: str, labeling_hash: str, console) -> None:
     """The Ray part of a run: the dataset is written while a progress display follows it."""
     import ray
 
-    from pipeline.progress import ProgressCounter, ProgressDisplay, count_rows
+    from pipeline.progress import ProgressCounter, ProgressDisplay
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
-                 log_to_driver=cfg.verbose, logging_level="INFO" if cfg.verbose else "WARNING")
+                 log_to_driver=cfg.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    ds = build_dataset(cfg, plan.todo, run_id, labeling_hash)
-    ds = ds.map_batches(count_rows, batch_format="pyarrow", fn_kwargs=dict(counter=counter), zero_copy_batch=True)
+    ds = build_dataset(cfg, plan.todo, run_id, labeling_hash, progress_counter=counter)
     prompts = {len(v.prompts) for v in plan.todo}
     unit = "videos" if prompts == {1} else "labels (video x prompt)"
-    with ProgressDisplay(lambda: ray.get(counter.get.remote(), timeout=5), plan.rows_todo, unit):
+    with ProgressDisplay(lambda: ray.get(counter.get.remote(), timeout=5), plan.rows_todo, unit,
+                         stream=console.console, live=console.is_tty and not cfg.verbose):
         ds.write_datasink(AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
                                             checkpoint_rows=min(cfg.part_rows, CHECKPOINT_ROWS)))
     ray.kill(counter)
@@ -314,7 +316,7 @@ def _keep_log(out: Location, log_path: Path) -> str:
 def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary | RunPlan:
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
     With `dry_run`, returns the `RunPlan` and labels nothing."""
-    from pipeline.progress import restore_ray_logs, route_ray_logs
+    from pipeline.progress import ConsoleRoute
 
     t0 = time.perf_counter()
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -326,11 +328,10 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
     log_path = log_path_for(cfg, out, run_id)
     log_file = ""
     if plan.todo:  # a run with nothing to do imports no Ray at all
-        handler = route_ray_logs(log_path, verbose=cfg.verbose)
         try:
-            _label(cfg, plan, run_id, labeling_hash)
+            with ConsoleRoute(log_path, verbose=cfg.verbose) as console:
+                _label(cfg, plan, run_id, labeling_hash, console)
         finally:
-            restore_ray_logs(handler)
             log_file = _keep_log(out, log_path)
         index.refresh()  # one more listing: only the parts this run wrote are read
     report = _compact(cfg, index, before_run=False)  # retried tasks, --retry-errors: one row per key
