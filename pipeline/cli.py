@@ -217,7 +217,8 @@ _register_submit(app, config_params)
 
 # `framescribe bench ...`: each benchmark lives in bench/<module>.py and exposes `command` (typer options).
 # The modules are imported only when a bench command runs (or its help is shown): the CLI never needs them.
-BENCHMARKS = {"speed": "bench.speed", "pipeline": "bench.throughput", "quality": "bench.quality"}
+BENCHMARKS = {"speed": "bench.speed", "pipeline": "bench.throughput", "quality": "bench.quality",
+              "scale": "bench.scale"}
 
 
 class _LazyBenchGroup(typer.core.TyperGroup):
@@ -235,7 +236,7 @@ class _LazyBenchGroup(typer.core.TyperGroup):
 
 
 bench_app = typer.Typer(cls=_LazyBenchGroup, add_completion=False, no_args_is_help=True,
-                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput, quality.")
+                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput, quality, scale.")
 app.add_typer(bench_app, name="bench")
 
 

@@ -10,9 +10,6 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from pipeline.storage import Location, join, storage_options
 
@@ -72,30 +69,6 @@ PART_ROWS = 50_000        # target rows of a part after merging (see docs/benchm
 CHECKPOINT_ROWS = 1_000   # rows a write task gathers before it commits a part: the most work a kill loses
 
 
-class AtomicParquetSink(Datasink):
-    """Ray Data sink: each write task commits its rows as one part; a killed run leaves only whole parts.
-
-    Ray gathers at least `checkpoint_rows` rows per write task (`min_rows_per_write`), so a run makes few
-    parts; the end-of-run compaction merges them into parts of `PART_ROWS` rows.
-    """
-
-    def __init__(self, output: str, *, s3_endpoint: str | None = None, anon: bool = False,
-                 checkpoint_rows: int = CHECKPOINT_ROWS):
-        self.output, self.s3_endpoint, self.anon = output, s3_endpoint, anon
-        self.checkpoint_rows = checkpoint_rows
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.checkpoint_rows
-
-    def write(self, blocks: Iterable, ctx) -> list[str]:
-        tables = [conform(BlockAccessor.for_block(b).to_arrow()) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        return [write_part(pa.concat_tables(tables), self.output, s3_endpoint=self.s3_endpoint, anon=self.anon)]
-
-
 def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str | None = None,
               anon: bool = False) -> pa.Table:
     """Every committed row under `output` (empty table with the schema when there is none)."""
@@ -104,6 +77,8 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
     if not loc.fs.exists(loc.root) or not loc.fs.glob(loc.path("*.parquet")):
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
+    import pyarrow.dataset as pads
+
     ds = pads.dataset(loc.root, format="parquet", filesystem=arrow_fs(loc.fs), schema=OUTPUT_SCHEMA)
     return ds.to_table(columns=columns)
 
@@ -192,7 +167,7 @@ class OutputIndex:
         now = self.list_parts()
         gone = [p for p in self.live if p not in set(now)]
         if gone:
-            self._forget(gone)
+            self.forget(gone)
         new = [p for p in now if p not in self.live]
         if new:
             with ThreadPoolExecutor(max_workers=_READERS) as pool:
@@ -211,19 +186,20 @@ class OutputIndex:
                          .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
         self.keys = pa.concat_tables(parts, promote_options="permissive").unify_dictionaries()
 
-    def _forget(self, paths: list[str]) -> None:
+    def forget(self, paths: list[str]) -> None:
+        """Drop parts from the index (deleted by the caller)."""
         drop = [self.live.pop(p) for p in paths if p in self.live]
         if drop:
             self.keys = self.keys.filter(pc.invert(pc.is_in(self.keys["_part"], pa.array(drop, pa.int32()))))
 
     def add_part(self, path: str) -> None:
         """Index a part this process just wrote (replacing an older entry of the same name)."""
-        self._forget([path])
+        self.forget([path])
         self._add([path], [_part_keys(self.loc.fs, path)])
 
     def delete_part(self, path: str) -> None:
         self.loc.fs.rm_file(path)
-        self._forget([path])
+        self.forget([path])
 
     def done_keys(self, labeling_hash: str, *, include_errors: bool) -> set[tuple[str, str]]:
         """(video_id, prompt_id) pairs already committed for this labeling config."""
@@ -386,19 +362,22 @@ def _merge_small_parts(index: OutputIndex, part_rows: int, report: CompactionRep
         group.append(p)
         n += rows
     groups.append(group)
+    from concurrent.futures import ThreadPoolExecutor
+
     for group in groups:
         if len(group) < 2:
             continue
-        merged = pa.concat_tables([conform(_read_part(index.loc.fs, p)) for p in group])
-        new_path = write_part(merged, index.loc.uri, location=index.loc)
-        for p in group:  # sources go only after the merged part is committed
-            if _name(p) != _name(new_path):
-                index.delete_part(p)
+        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+            tables = list(pool.map(lambda p: conform(_read_part(index.loc.fs, p)), group))
+        new_path = write_part(pa.concat_tables(tables), index.loc.uri, location=index.loc)
+        sources = [p for p in group if _name(p) != _name(new_path)]
+        index.loc.fs.rm(sources)  # only after the merged part is committed; one bulk delete on S3
+        index.forget(sources)
         index.add_part(new_path)
         report.parts_merged += len(group)
         report.parts_written_by_merge += 1
 
 
-__all__ = ["OUTPUT_SCHEMA", "AtomicParquetSink", "read_rows", "done_keys", "write_part", "conform",
+__all__ = ["OUTPUT_SCHEMA", "read_rows", "done_keys", "write_part", "conform",
            "storage_options", "STATE_DIR", "compact_duplicates", "compact", "CompactionReport", "OutputIndex",
            "PART_ROWS", "CHECKPOINT_ROWS", "arrow_fs"]

@@ -12,8 +12,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VideoInput, discover_inputs
-from pipeline.output import (CHECKPOINT_ROWS, STATE_DIR, AtomicParquetSink, CompactionReport, OutputIndex,
-                             compact)
+from pipeline.output import CHECKPOINT_ROWS, STATE_DIR, CompactionReport, OutputIndex, compact
 from pipeline.storage import Location, check_bucket, storage_options
 
 
@@ -285,6 +284,7 @@ def _label(cfg: RunConfig, plan: RunPlan, run_id: str, labeling_hash: str, conso
     import ray
 
     from pipeline.progress import ProgressCounter, ProgressDisplay
+    from pipeline.sink import AtomicParquetSink
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False if cfg.address is None else None,
