@@ -136,6 +136,7 @@ class OutputIndex:
         self.paths: list[str] = []          # every part ever indexed (positions stay stable)
         self.live: dict[str, int] = {}      # part path -> position, for parts that exist now
         self.rows: dict[int, int] = {}      # position -> row count
+        self.tmp: dict[str, datetime | None] = {}  # temp objects of writers (path -> modified)
         self.keys = self._empty()
 
     @classmethod
@@ -150,15 +151,23 @@ class OutputIndex:
                           pa.field("_row", pa.int64())]).empty_table()
 
     def list_parts(self) -> list[str]:
+        """One listing of the output folder: its parts (sorted), and in `self.tmp` the temp objects of
+        writers with their modification times (for `compact`'s stale-temp cleanup)."""
         fs, root = self.loc.fs, self.loc.root
         fs.invalidate_cache(root)  # object stores: parts the workers wrote since the last listing
         try:
-            entries = fs.ls(root, detail=False)
+            entries = fs.ls(root, detail=True)
         except FileNotFoundError:
-            return []
-        names = [e.rstrip("/") for e in entries]
-        return sorted(p for p in names if p.rsplit("/", 1)[-1].endswith(".parquet")
-                      and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+            entries = []
+        parts, self.tmp = [], {}
+        for e in entries:
+            path = e["name"].rstrip("/")
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("_tmp-") and name.endswith(".inprogress"):
+                self.tmp[path] = _modified(e)
+            elif name.endswith(".parquet") and not name.startswith(("_", ".")) and e.get("type") != "directory":
+                parts.append(path)
+        return sorted(parts)
 
     def refresh(self) -> list[str]:
         """List the output once; read the key columns of parts not indexed yet. Returns the new parts."""
@@ -247,18 +256,26 @@ def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
-def _remove_stale_tmp(fs, root: str, older_than_s: float) -> int:
+def _modified(entry: dict) -> datetime | None:
+    """Modification time of a listing entry (local: mtime; s3fs: LastModified), UTC."""
+    value = entry.get("mtime", entry.get("LastModified", entry.get("last_modified")))
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc)
+    return value if value.tzinfo else value.astimezone(timezone.utc)
+
+
+def _remove_stale_tmp(index: "OutputIndex", older_than_s: float) -> int:
     now, removed = datetime.now(timezone.utc), 0
-    for p in fs.glob(join(root, "_tmp-*.inprogress")):
-        try:
-            modified = fs.modified(p)
-            if modified.tzinfo is None:
-                modified = modified.astimezone(timezone.utc)
-            if (now - modified).total_seconds() >= older_than_s:
-                fs.rm_file(p)
+    for path, modified in list(index.tmp.items()):
+        if modified is not None and (now - modified).total_seconds() >= older_than_s:
+            try:
+                index.loc.fs.rm_file(path)
                 removed += 1
-        except (FileNotFoundError, NotImplementedError):
-            continue
+            except FileNotFoundError:
+                pass
+            index.tmp.pop(path, None)
     return removed
 
 
@@ -285,11 +302,8 @@ def compact(index: OutputIndex, *, stale_tmp_s: float = TMP_STALE_S, part_rows: 
     key with at least one row, and the next call finishes the job. Temp objects of dead writers older
     than `stale_tmp_s` are removed too. Not safe while another run writes to the output.
     """
-    loc = index.loc
     report = CompactionReport()
-    if not loc.fs.exists(loc.root):
-        return report
-    report.stale_tmp_removed = _remove_stale_tmp(loc.fs, loc.root, stale_tmp_s)
+    report.stale_tmp_removed = _remove_stale_tmp(index, stale_tmp_s)
     _drop_duplicates(index, report)
     if part_rows:
         _merge_small_parts(index, part_rows, report)
