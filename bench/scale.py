@@ -147,7 +147,7 @@ def _measure(kind: str, args: dict) -> dict:
 
         loc = Location.resolve(args["video"], s3_endpoint=args["s3"])
         size = loc.fs.info(loc.root)["size"]
-        with open_ranged(loc.fs, loc.root) as f:
+        with open_ranged(loc.fs, loc.root, size) as f:
             v = decode_ranged(args["video"], f, SamplingSpec(num_frames=8))
             fetched = f.cache.total_requested_bytes
         out.update(object_bytes=size, fetched_bytes=fetched, fetched_pct=100.0 * fetched / size,

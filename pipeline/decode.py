@@ -379,7 +379,7 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
         from pipeline.decode_ranged import decode_ranged, open_ranged
 
         try:
-            with open_ranged(fs, path) as f:
+            with open_ranged(fs, path, size) as f:
                 return decode_ranged(uri, f, spec)
         except FileNotFoundError:
             raise DecodeError("not_found", f"{uri}: no such file") from None

@@ -15,14 +15,20 @@ import numpy as np
 
 from pipeline.decode import DecodedVideo, DecodeError, SamplingSpec, resize_to_budget, sample_frame_indices
 
-READ_BLOCK = 256 * 1024  # bytes per ranged request; about one 2-s GOP at 1 Mb/s
-CACHED_BLOCKS = 64       # blocks kept (LRU): the index and the GOP being decoded are not fetched twice
+MIN_BLOCK, MAX_BLOCK = 32 * 1024, 1024 * 1024
+CACHED_BLOCKS = 64  # blocks kept (LRU): the index and the GOP being decoded are not fetched twice
 
 
-def open_ranged(fs, path: str):
-    """A seekable file that fetches READ_BLOCK-sized blocks on demand and keeps the last CACHED_BLOCKS
-    (fsspec block cache; `f.cache.total_requested_bytes` counts the bytes fetched)."""
-    return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="blockcache",
+def read_block(size: int | None) -> int:
+    """Bytes per ranged request: 1/256 of the object within [32 KiB, 1 MiB] (a 75 MB video: ~290 KiB,
+    about one 2-s GOP at 1 Mb/s), so few requests per sampled frame and little read past it."""
+    return MAX_BLOCK if not size else max(MIN_BLOCK, min(MAX_BLOCK, size // 256))
+
+
+def open_ranged(fs, path: str, size: int | None = None):
+    """A seekable file that fetches `read_block(size)`-sized blocks on demand and keeps the last
+    CACHED_BLOCKS (fsspec block cache; `f.cache.total_requested_bytes` counts the bytes fetched)."""
+    return fs.open(path, "rb", block_size=read_block(size), cache_type="blockcache",
                    cache_options={"maxblocks": CACHED_BLOCKS})
 
 
