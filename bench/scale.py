@@ -122,17 +122,17 @@ def _measure(kind: str, args: dict) -> dict:
         cfg = RunConfig(input=args["input"], output=args["output"], model="none", s3_endpoint=args["s3"])
         out["videos"] = len(discover_inputs(cfg))
     elif kind == "resume":
-        from pipeline.discover import VideoInput, discover_inputs
+        from pipeline.discover import discover_inputs
         from pipeline.output import OutputIndex
+        from pipeline.run import todo_from
 
         cfg = RunConfig(input=args["input"], output=args["output"], model="none", s3_endpoint=args["s3"])
         inputs = discover_inputs(cfg)
         t1 = time.perf_counter()
         index = OutputIndex.load(Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint))
-        done = index.done_keys(LABELING_HASH, include_errors=True)
         out["index_s"] = time.perf_counter() - t1
-        todo = [v for v in inputs if any((v.video_id, pid) not in done for pid, _ in v.prompts)]
-        out.update(videos=len(inputs), parts=len(index.live), done=len(done), todo=len(todo))
+        todo = todo_from(inputs, index, LABELING_HASH, include_errors=True)
+        out.update(videos=len(inputs), parts=len(index.live), rows_indexed=index.keys.num_rows, todo=len(todo))
     elif kind == "compact":
         from pipeline.output import OutputIndex, compact
 
@@ -153,8 +153,17 @@ def _measure(kind: str, args: dict) -> dict:
         out.update(object_bytes=size, fetched_bytes=fetched, fetched_pct=100.0 * fetched / size,
                    frames=int(v.frames.shape[0]))
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it restarts at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_measure(kind: str, args: dict, env: dict) -> dict:

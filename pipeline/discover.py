@@ -14,14 +14,16 @@ VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".m
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
-@dataclass
+@dataclass(slots=True)
 class VideoInput:
+    """One video of the run and its prompts. Slots and a video id hashed once: a million of these are
+    ~300 MiB of driver memory (see docs/benchmarks.md, bench scale)."""
     uri: str
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, prompt)
+    video_id: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def video_id(self) -> str:
-        return video_id_for(self.uri)
+    def __post_init__(self):
+        self.video_id = video_id_for(self.uri)
 
 
 def video_id_for(uri: str) -> str:
@@ -124,7 +126,12 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
         is_manifest = path.endswith(MANIFEST_EXTENSIONS) and fs.isfile(path)
         if is_manifest:
             inputs = []
+            shared = _prompt_pairs(prompts)  # rows without prompts of their own share one list (never mutated)
             for row in _manifest_rows(cfg, fs, path):
+                uri = resolve_relative(str(row["uri"]), cfg.input)
+                if len(row) == 1:
+                    inputs.append(VideoInput(uri, shared))
+                    continue
                 own = list(prompts)
                 if row.get("prompt"):
                     own = [row["prompt"]] if cfg.task == "caption" else own + [row["prompt"]]
@@ -133,13 +140,15 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                     own += [qs] if isinstance(qs, str) else list(qs)
                 if row.get("question"):
                     own.append(row["question"])
-                inputs.append(VideoInput(resolve_relative(str(row["uri"]), cfg.input), _prompt_pairs(own)))
+                inputs.append(VideoInput(uri, _prompt_pairs(own)))
         elif any(c in path for c in "*?["):
-            inputs = [VideoInput(_with_protocol(fs, p, cfg.input), _prompt_pairs(prompts))
-                      for p in sorted(fs.glob(path)) if fs.isfile(p)]
+            shared = _prompt_pairs(prompts)
+            inputs = [VideoInput(_with_protocol(fs, p, cfg.input), shared)
+                      for p, info in sorted(fs.glob(path, detail=True).items()) if info.get("type") == "file"]
         elif fs.isdir(path):
-            inputs = [VideoInput(_with_protocol(fs, p, cfg.input), _prompt_pairs(prompts))
-                      for p in sorted(fs.find(path)) if _is_video(p)]
+            shared = _prompt_pairs(prompts)
+            inputs = [VideoInput(_with_protocol(fs, p, cfg.input), shared) for p in sorted(fs.find(path))
+                      if _is_video(p)]
         elif fs.isfile(path):
             inputs = [VideoInput(cfg.input if "://" in cfg.input else path, _prompt_pairs(prompts))]
         else:

@@ -217,6 +217,18 @@ class OutputIndex:
             t = t.filter(pc.equal(t["status"].cast(pa.string()), "ok"))
         return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
 
+    def missing(self, inputs, labeling_hash: str, *, include_errors: bool) -> np.ndarray:
+        """For each (video, prompt) of `inputs` in order (VideoInput.video_id, .prompts), True when no row
+        for this labeling config is committed yet. Membership is tested in Arrow, not in a Python set."""
+        t = self.keys.filter(pc.equal(self.keys["labeling_hash"].cast(pa.string()), labeling_hash))
+        if not include_errors:
+            t = t.filter(pc.equal(t["status"].cast(pa.string()), "ok"))
+        wanted = pa.array([v.video_id + pid for v in inputs for pid, _ in v.prompts], pa.string())
+        if t.num_rows == 0:
+            return np.ones(len(wanted), dtype=bool)
+        done = pc.binary_join_element_wise(t["video_id"], t["prompt_id"], "")
+        return np.logical_not(pc.is_in(wanted, value_set=done).to_numpy(zero_copy_only=False))
+
     def rows_of_run(self, run_id: str, columns: list[str]) -> pa.Table:
         """`columns` of the rows written by `run_id`: only the parts that hold such rows are read, with
         the filter pushed down to the Parquet reader."""

@@ -118,23 +118,36 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], OutputIndex]:
     return inputs, index
 
 
+def todo_from(inputs: list[VideoInput], index: OutputIndex, labeling_hash: str, *,
+              include_errors: bool) -> list[VideoInput]:
+    """The videos with (video, prompt) pairs not committed yet for this labeling config (resume)."""
+    missing = index.missing(inputs, labeling_hash, include_errors=include_errors)
+    if not missing.any():  # a finished job: nothing to walk through
+        return []
+    todo: dict[str, VideoInput] = {}
+    k = 0
+    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
+        flags = missing[k:k + len(v.prompts)]
+        k += len(v.prompts)
+        if not flags.any() and v.video_id not in todo:
+            continue
+        pairs = [pp for pp, m in zip(v.prompts, flags) if m]
+        if v.video_id in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
+            have = {pid for pid, _ in todo[v.video_id].prompts}
+            todo[v.video_id].prompts.extend(pp for pp in pairs if pp[0] not in have)
+        else:
+            todo[v.video_id] = VideoInput(v.uri, pairs)
+    return list(todo.values())
+
+
 def plan_run(cfg: RunConfig, inputs: list[VideoInput] | None = None) -> RunPlan:
     """Preflight, heal the output (compaction), and work out the (video, prompt) pairs still to do."""
     discovered, index = preflight(cfg)
     inputs = discovered if inputs is None else inputs
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
     dups = 0 if (cfg.overwrite or cfg.dry_run) else _compact(cfg, index, before_run=True).duplicates_removed
-    done = index.done_keys(cfg.labeling_hash(), include_errors=not cfg.retry_errors)
-    todo: dict[str, VideoInput] = {}
-    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
-        vid = v.video_id
-        missing = [(pid, p) for pid, p in v.prompts if (vid, pid) not in done]
-        if vid in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
-            have = {pid for pid, _ in todo[vid].prompts}
-            todo[vid].prompts.extend((pid, p) for pid, p in missing if pid not in have)
-        elif missing:
-            todo[vid] = VideoInput(v.uri, missing)
-    plan = RunPlan(inputs=inputs, todo=list(todo.values()), index=index,
+    todo = todo_from(inputs, index, cfg.labeling_hash(), include_errors=not cfg.retry_errors)
+    plan = RunPlan(inputs=inputs, todo=todo, index=index,
                    n_videos=len({v.video_id for v in inputs}), duplicates_removed=dups)
     if cfg.limit is not None and len(plan.todo) > cfg.limit:
         plan.limited_from = len(plan.todo)
