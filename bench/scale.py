@@ -35,7 +35,7 @@ def _uris(n: int, prefix: str) -> list[str]:
     return [f"{prefix}/videos/{i // 1000:04d}/clip_{i:08d}.mp4" for i in range(n)]
 
 
-def synthetic_rows(uris: list[str]):
+def synthetic_rows(uris: list[str], labeling_hash: str = LABELING_HASH):
     """Output rows as a run would write them (caption text ~150 characters, every column filled)."""
     import pyarrow as pa
 
@@ -54,13 +54,14 @@ def synthetic_rows(uris: list[str]):
         "model": ["tiny-qwen2_5_vl"] * n, "pruner": ["iwp"] * n, "retention": [0.25] * n,
         "visual_tokens_full": [512] * n, "visual_tokens_kept": [128] * n, "frames_sampled": [8] * n,
         "frame_timestamps": [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]] * n, "duration_s": [8.0] * n,
-        "labeling_hash": [LABELING_HASH] * n, "run_id": ["bench-scale"] * n, "created_at": [now] * n,
+        "labeling_hash": [labeling_hash] * n, "run_id": ["bench-scale"] * n, "created_at": [now] * n,
     }
     table = pa.table({k: pa.array(v, OUTPUT_SCHEMA.field(k).type) for k, v in cols.items()})
     return conform(table)
 
 
-def write_output(uri: str, uris: list[str], rows_per_part: int, *, s3_endpoint: str | None) -> int:
+def write_output(uri: str, uris: list[str], rows_per_part: int, *, s3_endpoint: str | None,
+                 labeling_hash: str = LABELING_HASH) -> int:
     """Parts of `rows_per_part` rows each, through the real atomic writer; returns the part count."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -68,7 +69,7 @@ def write_output(uri: str, uris: list[str], rows_per_part: int, *, s3_endpoint: 
     from pipeline.storage import Location
 
     loc = Location.resolve(uri, s3_endpoint=s3_endpoint)
-    table = synthetic_rows(uris)
+    table = synthetic_rows(uris, labeling_hash)
     slices = [table.slice(i, rows_per_part) for i in range(0, table.num_rows, rows_per_part)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda t: write_part(t, uri, location=loc), slices))
@@ -106,6 +107,33 @@ def make_long_video(path: Path, *, seconds: int = 600, fps: int = 10, size: tupl
         for p in s.encode():
             c.mux(p)
     return path
+
+
+def measure_finished_rerun(workdir: Path, n: int) -> dict:
+    """`framescribe run` (the real CLI, a fresh process) over a finished job of `n` videos: wall time, and
+    whether Ray was started (its temp dir stays empty)."""
+    from actors.tiny_model import make_tiny_model
+    from pipeline.config import RunConfig
+
+    model = make_tiny_model(workdir / "tiny-model", "qwen2_5_vl")
+    uris = _uris(n, str(workdir / "corpus"))
+    manifest = workdir / "rerun-manifest.txt"
+    write_manifest(manifest, uris)
+    out = workdir / "rerun-out"
+    cfg = RunConfig(input=str(manifest), output=str(out), model=str(model))
+    write_output(str(out), uris, 1000, s3_endpoint=None, labeling_hash=cfg.labeling_hash())  # 10 parts
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fsb", dir="/tmp"))
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(manifest), "--output", str(out),
+                        "--model", str(model)], capture_output=True, text=True,
+                       env={**os.environ, "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}, timeout=600)
+    seconds = time.perf_counter() - t
+    ray_started = any(ray_tmp.iterdir())
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return {"storage": "local", "measurement": f"re-run of a finished job (CLI, {n} videos)", "rows": n,
+            "seconds": seconds, "ray_started": ray_started,
+            "nothing_to_do": "nothing to do" in r.stdout}
 
 
 # --- measurements: each runs in its own process (python -m bench.scale measure KIND ...) ---------------
@@ -197,6 +225,7 @@ def command(rows: int = typer.Option(1_000_000, help="labeled rows in the synthe
             small_rows: int = typer.Option(20_000, help="rows written as small parts of 4 rows (the old writer)"),
             s3_rows: int = typer.Option(1_000_000, help="rows for the S3 measurements (0: skip S3)"),
             long_video_s: int = typer.Option(600, help="length of the long video for the ranged-read measurement"),
+            rerun_videos: int = typer.Option(10_000, help="videos of the finished job that is run again"),
             workdir: Path = typer.Option(Path(tempfile.gettempdir()) / "framescribe-bench-scale"),
             out_csv: Path = typer.Option(Path("docs/benchmarks/scale.csv"))):
     """Discovery, resume planning, compaction at 10^6 rows and ranged reads of long videos, local and S3."""
@@ -240,6 +269,9 @@ def command(rows: int = typer.Option(1_000_000, help="labeled rows in the synthe
         record(storage, "merge small parts", "compact", {**a, "part_rows": PART_ROWS}, rows=len(small_uris))
         record(storage, "resume planning, after merge", "resume", a, rows=len(small_uris))
 
+    row = measure_finished_rerun(workdir, rerun_videos)
+    results.append(row)
+    typer.echo(json.dumps(row))
     scenario("local", str(workdir / "out"), rows, None)
     endpoint, proc = _moto()
     try:

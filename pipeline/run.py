@@ -90,18 +90,11 @@ class RunPlan:
 
 
 def preflight(cfg: RunConfig) -> tuple[list[VideoInput], OutputIndex]:
-    """Everything that can fail fast, before Ray starts: model, input listing, output access; then one
+    """What can fail fast, before Ray starts: buckets, input listing, output access; then one
     listing and one key-column read of the output (`OutputIndex`) for resume, compaction and summary."""
-    from actors.loading import ModelLoadError, check_model_available
-
-    opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.input, "input", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
-    try:
-        check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
-    except ModelLoadError as e:
-        raise ConfigError(str(e)) from None
     inputs = discover_inputs(cfg)
     try:
         out = Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
@@ -140,6 +133,18 @@ def todo_from(inputs: list[VideoInput], index: OutputIndex, labeling_hash: str, 
     return list(todo.values())
 
 
+def check_model(cfg: RunConfig) -> None:
+    """The model can be loaded (ConfigError naming the field otherwise). Checked only when there is
+    something to label (or on a dry run): it imports torch, which a finished job need not wait for."""
+    from actors.loading import ModelLoadError, check_model_available
+
+    opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+    try:
+        check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+
+
 def plan_run(cfg: RunConfig, inputs: list[VideoInput] | None = None) -> RunPlan:
     """Preflight, heal the output (compaction), and work out the (video, prompt) pairs still to do."""
     discovered, index = preflight(cfg)
@@ -149,6 +154,8 @@ def plan_run(cfg: RunConfig, inputs: list[VideoInput] | None = None) -> RunPlan:
     todo = todo_from(inputs, index, cfg.labeling_hash(), include_errors=not cfg.retry_errors)
     plan = RunPlan(inputs=inputs, todo=todo, index=index,
                    n_videos=len({v.video_id for v in inputs}), duplicates_removed=dups)
+    if plan.todo or cfg.dry_run:
+        check_model(cfg)  # still before any Ray work
     if cfg.limit is not None and len(plan.todo) > cfg.limit:
         plan.limited_from = len(plan.todo)
         plan.todo = plan.todo[:cfg.limit]
