@@ -143,6 +143,8 @@ def _measure(kind: str, args: dict) -> dict:
     from pipeline.storage import Location
 
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru0.ru_utime + ru0.ru_stime
     out: dict = {}
     if kind == "discovery":
         from pipeline.discover import discover_inputs
@@ -181,6 +183,8 @@ def _measure(kind: str, args: dict) -> dict:
         out.update(object_bytes=size, fetched_bytes=fetched, fetched_pct=100.0 * fetched / size,
                    frames=int(v.frames.shape[0]))
     out["seconds"] = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the wall time is on an idle machine
+    out["cpu_s"] = ru.ru_utime + ru.ru_stime - cpu0
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
 
