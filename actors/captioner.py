@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.generation import greedy_generate
+from actors.generation import greedy_generate, stop_and_pad_ids
 from actors.loading import load_model, make_adapter
-from actors.splice import PruneSpec, prune_video
+from actors.splice import PruneSpec, fastv_scores, prune_video
 
 # Test hook: when set to a file path, the first model actor that reaches its second batch creates that
 # file and exits at once (os._exit), as an actor killed by the OOM killer or a node failure would. The
@@ -79,11 +79,7 @@ class VideoCaptioner:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.row_defaults = row_defaults or {}
-        tok = self.processor.tokenizer
-        self.eos_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
-                                    *(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist())]
-                        if isinstance(i, int) and i >= 0}
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids, self.pad_id = stop_and_pad_ids(self.processor.tokenizer, self.model.generation_config)
         self._calls = 0
 
     # ---- Ray Data entry point ----
@@ -127,7 +123,7 @@ class VideoCaptioner:
             pruned = None if self.prune.query_dependent else prune_video(enc, self.prune, self.adapter.language_model)
             for pid, prompt in prompts:
                 p = pruned or prune_video(enc, self.prune, self.adapter.language_model,
-                                          attn_scores=self.fastv_scores(enc, prompt))
+                                          attn_scores=fastv_scores(self.model, self.adapter, enc, prompt))
                 pairs.append((r, pid, prompt, enc, p))
 
         out = []
@@ -145,23 +141,6 @@ class VideoCaptioner:
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
                                      new_tokens=gen.new_tokens))
         return out
-
-    @torch.inference_mode()
-    def fastv_scores(self, enc, prompt: str) -> torch.Tensor:
-        """FastV: attention of the last prompt token to each visual token at LLM layer 2 (costs a full prefill)."""
-        from actors.generation import position_arg, left_pad
-        from actors.splice import PrunedVideo
-
-        full = PrunedVideo(torch.arange(enc.embeds.shape[0], device=enc.embeds.device), enc.embeds,
-                           enc.embeds.shape[0], None, 0.0, 1.0)
-        seq = self.adapter.splice(enc, full, prompt)
-        embeds, mask, positions = left_pad([seq])
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
-                         output_attentions=True, use_cache=False, logits_to_keep=1)
-        layer = min(1, len(out.attentions) - 1)
-        ids = self.adapter.full_input_ids(enc, prompt)
-        video_idx = torch.nonzero(ids == self.adapter.video_token_id).squeeze(1)[: enc.embeds.shape[0]]
-        return out.attentions[layer][0, :, -1, video_idx].float().mean(0)
 
     # ---- rows ----
     def _base(self, r: dict) -> dict:

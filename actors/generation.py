@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,16 @@ def sync_device(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def stop_and_pad_ids(tokenizer, generation_config=None) -> tuple[set[int], int]:
+    """The token ids that end an answer (the tokenizer's EOS, the chat end-of-turn, the model's generation
+    config) and the id used for padding: one definition, for production and evaluation alike."""
+    eos = np.atleast_1d(getattr(generation_config, "eos_token_id", None) or []).tolist()
+    ids = {i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"), *eos]
+           if isinstance(i, int) and i >= 0}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ids)
+    return ids, pad
 
 
 def left_pad(seqs: list[SplicedSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -116,3 +116,20 @@ def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_sc
     if residual is None:  # a fidelity signal for every method, computed outside the timed selection
         residual = relative_residual(keys, values, keep, spec.settings)
     return PrunedVideo(keep, embeds.to(video.embeds.dtype), n, residual, prune_ms, retention)
+
+
+@torch.inference_mode()
+def fastv_scores(model, adapter, enc: EncodedVideo, prompt: str) -> torch.Tensor:
+    """FastV: attention of the last prompt token to each visual token at LLM layer 2 (costs a full prefill;
+    the model must be loaded with eager attention to return attention weights)."""
+    from actors.generation import left_pad, position_arg
+
+    n = enc.embeds.shape[0]
+    full = PrunedVideo(torch.arange(n, device=enc.embeds.device), enc.embeds, n, None, 0.0, 1.0)
+    embeds, mask, positions = left_pad([adapter.splice(enc, full, prompt)])
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
+                output_attentions=True, use_cache=False, logits_to_keep=1)
+    layer = min(1, len(out.attentions) - 1)
+    ids = adapter.full_input_ids(enc, prompt)
+    video_idx = torch.nonzero(ids == adapter.video_token_id).squeeze(1)[:n]
+    return out.attentions[layer][0, :, -1, video_idx].float().mean(0)

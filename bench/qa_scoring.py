@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.generation import SplicedSequence, greedy_generate, prefill_logits
-from actors.splice import EncodedVideo, PrunedVideo, PruneSpec, prune_video
+from actors.generation import SplicedSequence, greedy_generate, prefill_logits, stop_and_pad_ids
+from actors.splice import EncodedVideo, PrunedVideo, PruneSpec, fastv_scores, prune_video
 
 
 def normalize_answer(text: str | None) -> str:
@@ -49,10 +49,8 @@ class QAModel:
         self.adapter = make_adapter(model, processor)
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = max_new_tokens
-        tok = self.tokenizer
-        self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
-        self.eos_ids = {i for i in (tok.eos_token_id, self.eos_id) if isinstance(i, int) and i >= 0}
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos_ids)
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end of turn an option must reach
+        self.eos_ids, self.pad_id = stop_and_pad_ids(self.tokenizer, model.generation_config)
 
     @classmethod
     def load(cls, path: str, *, attn: str | None = None, max_new_tokens: int = 8) -> "QAModel":
@@ -65,24 +63,8 @@ class QAModel:
     def encode(self, frames: list[np.ndarray], timestamps: list[list[float]]) -> list[EncodedVideo]:
         return self.adapter.encode(frames, timestamps)
 
-    @torch.inference_mode()
-    def fastv_scores(self, enc: EncodedVideo, prompt: str) -> torch.Tensor:
-        """Mirror of `VideoCaptioner.fastv_scores`: last prompt token's attention to the video at LLM layer 2."""
-        from actors.generation import position_arg, left_pad
-
-        n = enc.embeds.shape[0]
-        full = PrunedVideo(torch.arange(n), enc.embeds, n, None, 0.0, 1.0)
-        seq = self.adapter.splice(enc, full, prompt)
-        embeds, mask, positions = left_pad([seq])
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
-                         output_attentions=True, use_cache=False, logits_to_keep=1)
-        layer = min(1, len(out.attentions) - 1)
-        ids = self.adapter.full_input_ids(enc, prompt)
-        video_idx = torch.nonzero(ids == self.adapter.video_token_id).squeeze(1)[:n]
-        return out.attentions[layer][0, :, -1, video_idx].float().mean(0)
-
     def prune(self, enc: EncodedVideo, spec: PruneSpec, prompt: str | None = None) -> PrunedVideo:
-        scores = self.fastv_scores(enc, prompt) if spec.query_dependent else None
+        scores = fastv_scores(self.model, self.adapter, enc, prompt) if spec.query_dependent else None
         return prune_video(enc, spec, self.adapter.language_model, attn_scores=scores)
 
     def splice(self, enc: EncodedVideo, pruned: PrunedVideo, prompt: str) -> SplicedSequence:

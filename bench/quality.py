@@ -356,7 +356,7 @@ def natural_clip(seed: int, size: int = 168, frames: int = 16) -> np.ndarray:
 def big_model_fidelity(cfg: QualityConfig, cases, settings, log=print) -> list[dict]:
     import torch
 
-    from bench.model_shapes import build_model
+    from actors.model_shapes import build_model
     from bench.qa_scoring import QAModel
 
     log(f"building a random-weight Qwen2.5-VL-7B-shaped model with {cfg.big_layers} LLM layers and "

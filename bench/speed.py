@@ -1,6 +1,6 @@
 """`framescribe bench speed`: where the time goes with and without visual-token pruning, in ONE run.
 
-For one model shape (random weights built from the published config, see `bench.model_shapes`) and a
+For one model shape (random weights built from the published config, see `actors.model_shapes`) and a
 batch of synthetic videos, every case — the unpruned model (pruner "none") and each pruner × retention —
 runs the captioning path the model actor runs: encode (processor + vision tower + merger) → prune →
 splice → batched prefill → greedy decode of exactly `max_new_tokens` tokens (EOS disabled, so every
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from bench.figures import save_figure
 
 from actors.generation import sync_device
 
@@ -336,7 +338,7 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
     import torch
 
     from actors.loading import make_adapter, pick_device, pick_dtype
-    from bench.model_shapes import build_model, get_shape
+    from actors.model_shapes import build_model, get_shape
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -420,11 +422,8 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     ax2.set_xticks(sorted({float(r["retention"]) for r in rows}))
     ax2.legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"{r0['arch']} {r0['size']} ({r0['layers']}/{r0['layers_full']} LLM layers), {r0['frames']} frames "
-                 f"{r0['resolution']}px, {r0['device_name']} {r0['dtype']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{r0['arch']} {r0['size']} ({r0['layers']}/{r0['layers_full']} LLM layers), {r0['frames']} frames "
+                 f"{r0['resolution']}px, {r0['device_name']} {r0['dtype']}")
 
 
 def print_speed(rows: list[dict], console=None) -> None:
@@ -503,7 +502,7 @@ def command(
                           prune_modes=_names(prune_modes), max_new_tokens=max_new_tokens, repeats=repeats,
                           warmup=warmup, layers=layers, vision_layers=vision_layers, threads=threads, attn=attn,
                           clock=clock, out=out, seed=seed)
-        from bench.model_shapes import get_shape
+        from actors.model_shapes import get_shape
 
         get_shape(arch, size)
     except ValueError as e:

@@ -29,6 +29,8 @@ from typing import Optional
 
 import typer
 
+from bench.figures import save_figure
+
 CSV_COLUMNS = (
     "mode", "batch_size", "decode_concurrency", "videos", "video_frames", "video_size", "frames", "max_pixels",
     "model",
@@ -104,7 +106,7 @@ def model_dir(cfg: PipelineBenchConfig) -> Path:
         return make_tiny_model(path, cfg.arch)
     import torch
 
-    from bench.model_shapes import build_model
+    from actors.model_shapes import build_model
 
     # random weights: built where they will run (bf16 on a GPU), saved once for the actors to load
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -344,11 +346,8 @@ def plot_pipeline(rows: list[dict], path: Path) -> None:
     handles, _ = ax2.get_legend_handles_labels()
     ax2.legend(handles=[*bars, *handles], fontsize=7, loc="lower left")
     r0 = rows[0]
-    fig.suptitle(f"{r0['videos']} videos, {r0['frames']} frames sampled, {r0['arch']} {r0['size']} "
-                 f"{r0['pruner']}@{r0['retention']}, {r0['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{r0['videos']} videos, {r0['frames']} frames sampled, {r0['arch']} {r0['size']} "
+                 f"{r0['pruner']}@{r0['retention']}, {r0['device']}")
 
 
 def print_pipeline(rows: list[dict], console=None) -> None:

@@ -31,64 +31,33 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actors.model_shapes import ModelShape, get_shape, mrope_section
+from actors.model_shapes import build_model as build_shape
 from bench import synthetic_qa as sq
 
 
-@dataclass(frozen=True)
-class Sizes:
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 384
-    rope_theta: float = 10000.0
-    mrope_section: tuple[int, int, int] = (4, 6, 6)
-    vision_hidden: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    vision_intermediate: int = 128
-    tokens_per_second: int = 4            # at 8 fps a temporal group spans 0.25 s → temporal position step 1
+TRAINED = get_shape("qwen2_5_vl", "trained")  # the shipped model's sizes: one builder, actors.model_shapes
 
 
-def build_model(seed: int, sizes: Sizes = Sizes()):
+def sizes_of(shape: ModelShape) -> dict:
+    """The sizes as train_summary.json and the model README have always named them."""
+    t, v = shape.text, shape.vision
+    return {"hidden": t.hidden, "layers": t.layers, "heads": t.heads, "kv_heads": t.kv_heads,
+            "intermediate": t.intermediate, "rope_theta": t.rope_theta,
+            "mrope_section": mrope_section(t.hidden // t.heads), "vision_hidden": v.hidden, "vision_depth": v.depth,
+            "vision_heads": v.heads, "vision_intermediate": v.intermediate, "tokens_per_second": v.tokens_per_second}
+
+
+def build_model(seed: int, shape: ModelShape = TRAINED):
     """(model, processor): Qwen2_5_VLForConditionalGeneration from config, offline tokenizer/processor."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    from actors.tiny_model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer
-
-    tokenizer = build_tokenizer(QWEN_SPECIAL)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    s = sizes
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta,
-                                          "mrope_section": list(s.mrope_section)},
-                         tie_word_embeddings=True, bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
-                           num_heads=s.vision_heads, out_hidden_size=s.hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s.vision_depth - 1],
-                           tokens_per_second=s.tokens_per_second),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    pix = dict(min_pixels=56 * 56, max_pixels=224 * 224)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(**pix), chat_template=QWEN_CHAT_TEMPLATE)
-    return model, processor
+    built = build_shape("qwen2_5_vl", shape, seed=seed)
+    return built.model.train(), built.processor
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -485,6 +454,37 @@ def evaluate(model, processor, split: str, n: int, seed: int = 0, per_clip: int 
 
 # ------------------------------------------------------------------------------------------------ training
 
+def batch_loss(model, builder, aux, temporal, frames: np.ndarray, token_labels: np.ndarray, samples, *, bf16: bool,
+               aux_weight: float, temporal_weight: float):
+    """(loss, QA loss, auxiliary loss) of one batch: clips (uint8 frames), their per-token labels and samples."""
+    pixels, vgrid = patchify(torch.from_numpy(frames))
+    with fast_vision_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        visual = model.model.get_video_features(pixels, vgrid).pooler_output
+        prefix, suffix = builder.shared_batch(list(visual), samples)
+        logits, prefix_h = shared_prefix_logits(model, prefix, suffix, return_prefix=True)
+        targets = suffix[3]
+        qa_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=-100)
+        aux_labels = torch.from_numpy(token_labels.reshape(-1, LABEL_COLUMNS))
+        aux_loss = aux.loss(torch.cat(list(visual)), aux_labels)
+        if temporal_weight:
+            n_vis = builder.n_video
+            vis_h = prefix_h[:, -n_vis:].reshape(-1, prefix_h.shape[-1])   # the prefix ends with the video
+            aux_loss = aux_loss + temporal_weight * temporal.loss(vis_h, aux_labels[:, len(AUX_CLASSES):])
+        loss = qa_loss + aux_weight * aux_loss
+    return loss, qa_loss, aux_loss
+
+
+def make_optimizer(modules: list[tuple[str, torch.nn.Module]], lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms, embeddings, biases)."""
+    decay, no_decay = [], []
+    for prefix, module in modules:
+        for n_, p in module.named_parameters(prefix=prefix):
+            (no_decay if p.dim() < 2 or "norm" in n_ or "embed" in n_ else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -495,123 +495,103 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, questions: int = 6, lr: float = 2e-3,
           warmup: int = 100, bf16: bool = False, aux_weight: float = 1.0, aux_steps: int = 0,
           train_clips: int = 6000, caption_prob: float = 0.0, eval_clips: int = 100, eval_every: int = 500,
-          sizes: Sizes = Sizes(), threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
+          shape: ModelShape = TRAINED, threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
           vision_steps: int = 2000, vision_lr: float = 3e-3, captions: int = 1, temporal_weight: float = 1.0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = log_path or out / "train_log.jsonl"
-    logf = open(log_path, "a")
+    with open(log_path, "a") as logf:  # closed on every exit path, errors included
 
-    def log(**kw):
-        kw["t"] = round(time.perf_counter() - t0, 1)
-        line = json.dumps(kw)
-        logf.write(line + "\n")
-        logf.flush()
-        print(line, flush=True)
+        def log(**kw):
+            kw["t"] = round(time.perf_counter() - t0, 1)
+            line = json.dumps(kw)
+            logf.write(line + "\n")
+            logf.flush()
+            print(line, flush=True)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    model, processor = build_model(seed, sizes)
-    diff = check_patchify(processor)
-    if diff > 1e-4:
-        raise AssertionError(f"patchify differs from the processor by {diff}")
-    log(event="start", seed=seed, steps=steps, batch=batch, questions=questions, lr=lr, bf16=bf16,
-        aux_weight=aux_weight, aux_steps=aux_steps, vision_steps=vision_steps, vision_lr=vision_lr,
-        captions=captions, caption_prob=caption_prob, temporal_weight=temporal_weight, train_clips=train_clips,
-        params=sum(p.numel() for p in model.parameters()), sizes=asdict(sizes), patchify_max_diff=diff,
-        torch=torch.__version__, threads=torch.get_num_threads())
-    frames, clips, token_labels = generate_clips("train", train_clips, seed)
-    log(event="data", clips=len(clips))
-    aux = AuxHead(sizes.hidden)
-    temporal = TemporalHead(sizes.hidden)
-    if vision_steps:
-        vframes, _, vlabels = generate_clips("val", 48, 0, workers=1)
-        pretrain_vision(model, aux, frames, token_labels, steps=vision_steps, batch=batch, lr=vision_lr,
-                        rng=random.Random(seed + 1), log=log, val=(vframes, vlabels))
-        del vframes
-        log(event="vision_done", step=vision_steps)
+        t0, c0 = time.perf_counter(), time.process_time()
+        model, processor = build_model(seed, shape)
+        diff = check_patchify(processor)
+        if diff > 1e-4:
+            raise AssertionError(f"patchify differs from the processor by {diff}")
+        settings = dict(seed=seed, steps=steps, batch=batch, questions=questions, lr=lr, bf16=bf16,
+                        eval_clips=eval_clips, aux_weight=aux_weight, aux_steps=aux_steps, vision_steps=vision_steps,
+                        vision_lr=vision_lr, captions=captions, temporal_weight=temporal_weight,
+                        train_clips=train_clips, caption_prob=caption_prob, sizes=sizes_of(shape), threads=threads)
+        log(event="start", **settings, params=sum(p.numel() for p in model.parameters()), patchify_max_diff=diff,
+            torch=torch.__version__, threads_used=torch.get_num_threads())
+        frames, clips, token_labels = generate_clips("train", train_clips, seed)
+        log(event="data", clips=len(clips))
+        aux = AuxHead(shape.text.hidden)
+        temporal = TemporalHead(shape.text.hidden)
+        if vision_steps:
+            vframes, _, vlabels = generate_clips("val", 48, 0, workers=1)
+            pretrain_vision(model, aux, frames, token_labels, steps=vision_steps, batch=batch, lr=vision_lr,
+                            rng=random.Random(seed + 1), log=log, val=(vframes, vlabels))
+            del vframes
+            log(event="vision_done", step=vision_steps)
 
-    grid = (sq.FRAMES // 2, sq.SIZE // 14, sq.SIZE // 14)
-    builder = SequenceBuilder(model, processor, grid, second_per_grid=2.0 / sq.FPS)
-    decay, no_decay = [], []
-    for n_, p in [*model.named_parameters(), *aux.named_parameters(prefix="aux"),
-                  *temporal.named_parameters(prefix="temporal")]:
-        (no_decay if p.dim() < 2 or "norm" in n_ or "embed" in n_ else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    rng = random.Random(seed)
-    order: list[int] = []
-    model.train()
-    ema = None
-    history = []
-    for step in range(steps):
-        if len(order) < batch:
-            perm = list(range(len(clips)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch], order[batch:]
-        samples = [[sample_question(rng, clips[k], caption_prob) for _ in range(questions)]
-                   + [(sq.CAPTION_PROMPT, clips[k].caption)] * captions for k in idx]
-        pixels, vgrid = patchify(torch.from_numpy(frames[idx]))
-        with fast_vision_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            visual = model.model.get_video_features(pixels, vgrid).pooler_output
-            prefix, suffix = builder.shared_batch(list(visual), samples)
-            logits, prefix_h = shared_prefix_logits(model, prefix, suffix, return_prefix=True)
-            targets = suffix[3]
-            qa_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                      ignore_index=-100)
-            aux_labels = torch.from_numpy(token_labels[idx].reshape(-1, LABEL_COLUMNS))
-            aux_loss = aux.loss(torch.cat(list(visual)), aux_labels)
-            if temporal_weight:
-                n_vis = builder.n_video
-                vis_h = prefix_h[:, -n_vis:].reshape(-1, prefix_h.shape[-1])   # the prefix ends with the video
-                aux_loss = aux_loss + temporal_weight * temporal.loss(vis_h, aux_labels[:, len(AUX_CLASSES):])
+        grid = (sq.FRAMES // 2, sq.SIZE // 14, sq.SIZE // 14)
+        builder = SequenceBuilder(model, processor, grid, second_per_grid=2.0 / sq.FPS)
+        opt = make_optimizer([("", model), ("aux", aux), ("temporal", temporal)], lr)
+        rng = random.Random(seed)
+        order: list[int] = []
+        model.train()
+        ema = None
+        history = []
+        for step in range(steps):
+            if len(order) < batch:
+                perm = list(range(len(clips)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:batch], order[batch:]
+            samples = [[sample_question(rng, clips[k], caption_prob) for _ in range(questions)]
+                       + [(sq.CAPTION_PROMPT, clips[k].caption)] * captions for k in idx]
             w = aux_weight * max(0.0, 1.0 - step / max(1, aux_steps)) if aux_steps else aux_weight
-            loss = qa_loss + w * aux_loss
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        with fast_vision_attention(model):
-            loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters(), *temporal.parameters()], 1.0)
-        opt.step()
-        ema = float(qa_loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(qa_loss.detach())
-        if step % 25 == 0 or step == steps - 1:
-            log(event="step", step=step, loss=round(float(loss), 4), qa_loss=round(float(qa_loss), 4),
-                aux_loss=round(float(aux_loss), 4), ema=round(ema, 4), grad_norm=round(float(gn), 3),
-                lr=round(lr_at(step, steps, lr, warmup), 6))
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            res = evaluate(model, processor, "val", eval_clips, seed=0, formats=("short",), loglik=False)
-            history.append({"step": step + 1, **res})
-            log(event="eval", step=step + 1, split="val", **res)
-            model.save_pretrained(out)  # a usable checkpoint at every evaluation (overwritten)
-            processor.save_pretrained(out)
-            model.train()
-        if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
-            log(event="stop", reason="max_minutes", step=step)
-            break
-    train_s = time.perf_counter() - t0
-    train_cpu = time.process_time() - c0
+            loss, qa_loss, aux_loss = batch_loss(model, builder, aux, temporal, frames[idx], token_labels[idx], samples,
+                                                 bf16=bf16, aux_weight=w, temporal_weight=temporal_weight)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            with fast_vision_attention(model):
+                loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters(), *temporal.parameters()], 1.0)
+            opt.step()
+            ema = float(qa_loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(qa_loss.detach())
+            if step % 25 == 0 or step == steps - 1:
+                log(event="step", step=step, loss=round(float(loss), 4), qa_loss=round(float(qa_loss), 4),
+                    aux_loss=round(float(aux_loss), 4), ema=round(ema, 4), grad_norm=round(float(gn), 3),
+                    lr=round(lr_at(step, steps, lr, warmup), 6))
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                res = evaluate(model, processor, "val", eval_clips, seed=0, formats=("short",), loglik=False)
+                history.append({"step": step + 1, **res})
+                log(event="eval", step=step + 1, split="val", **res)
+                model.save_pretrained(out)  # a usable checkpoint at every evaluation (overwritten)
+                processor.save_pretrained(out)
+                model.train()
+            if max_minutes is not None and time.perf_counter() - t0 > max_minutes * 60:
+                log(event="stop", reason="max_minutes", step=step)
+                break
+        del frames
+        summary = {**settings, "train_seconds": round(time.perf_counter() - t0, 1),
+                   "train_cpu_seconds": round(time.process_time() - c0, 1), "torch": torch.__version__,
+                   "history": history, "command": "python -m bench.train_tiny " + " ".join(sys.argv[1:])}
+        return finish_training(model, processor, out, eval_clips=eval_clips, log=log, summary=summary)
+
+
+def finish_training(model, processor, out: Path, *, eval_clips: int, log, summary: dict) -> dict:
+    """Evaluate on validation and test, save the model, write train_summary.json; returns the summary."""
     model.eval()
-    del frames
     val = evaluate(model, processor, "val", eval_clips, seed=0)
     test = evaluate(model, processor, "test", eval_clips, seed=0)
     log(event="final", split="val", **val)
     log(event="final", split="test", **test)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "questions": questions, "lr": lr, "bf16": bf16,
-               "eval_clips": eval_clips,
-               "aux_weight": aux_weight, "aux_steps": aux_steps, "vision_steps": vision_steps, "vision_lr": vision_lr,
-               "captions": captions, "temporal_weight": temporal_weight,
-               "train_clips": train_clips,
-               "caption_prob": caption_prob, "sizes": asdict(sizes), "train_seconds": round(train_s, 1),
-               "train_cpu_seconds": round(train_cpu, 1),
-               "threads": threads, "torch": torch.__version__, "val": val, "test": test, "history": history,
-               "command": "python -m bench.train_tiny " + " ".join(sys.argv[1:])}
+    summary = {**summary, "val": val, "test": test}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    logf.close()
     return summary
 
 

@@ -1,22 +1,28 @@
-"""IWP: query-agnostic visual-token pruning as implicit weight pruning (pure PyTorch)."""
+"""IWP: query-agnostic visual-token pruning as implicit weight pruning (pure PyTorch).
 
-from .baselines import PRUNERS, PruneResult, prune_tokens
-from .layout import TokenLayout, budget_for
-from .metric import duplication, log_magnitude, relative_residual
-from .select import select_tokens_mmr_exact, select_tokens_pcmmr, select_tokens_pcmmr_batch
-from .settings import IWPSettings
+Names load on first use (PEP 562), so `from iwp.registry import PRUNERS` stays free of PyTorch."""
+from __future__ import annotations
 
-__all__ = [
-    "PRUNERS",
-    "IWPSettings",
-    "PruneResult",
-    "TokenLayout",
-    "budget_for",
-    "duplication",
-    "log_magnitude",
-    "prune_tokens",
-    "relative_residual",
-    "select_tokens_mmr_exact",
-    "select_tokens_pcmmr",
-    "select_tokens_pcmmr_batch",
-]
+import importlib
+
+_EXPORTS = {
+    "PRUNERS": "registry",
+    "IWPSettings": "settings",
+    "PruneResult": "baselines",
+    "prune_tokens": "baselines",
+    "TokenLayout": "layout",
+    "budget_for": "layout",
+    "duplication": "metric",
+    "log_magnitude": "metric",
+    "relative_residual": "metric",
+    "select_tokens_mmr_exact": "select",
+    "select_tokens_pcmmr": "select",
+    "select_tokens_pcmmr_batch": "select",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,23 +15,10 @@ import torch.nn.functional as F
 
 from .layout import TokenLayout
 from .metric import relative_residual
+from .registry import PRUNERS
 from .select import select_tokens_pcmmr
 from .settings import IWPSettings
 
-PRUNERS = (
-    "none",
-    "random",
-    "downsample",
-    "uniform",
-    "divprune",
-    "visionzip",
-    "dycoke",
-    "fastv",
-    "iwp",
-    "iwp_magnitude",
-    "iwp_duplication",
-    "iwp_fixed",
-)
 VISIONZIP_DOMINANT_FRACTION = 0.8  # share of the budget kept as dominant tokens; the rest are merged contexts
 _ATTENTION_BLOCK_ELEMENTS = 1 << 22  # bound on one block of the proxy attention matrix
 

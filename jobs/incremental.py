@@ -74,8 +74,6 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
                                                              help="with --wait-lease: give up (exit 0) after this many seconds"),
                 **values):
     """Label only the videos with no row yet for this labeling config; safe when runs overlap (lease)."""
-    from pipeline.run import ErrorRatioExceeded, run_pipeline
-
     try:
         cfg = load_config(config, **values)
         check_incremental(cfg)
@@ -88,19 +86,36 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
                       f"{escape(str(e))}")
         raise typer.Exit(EXIT_CONFIG)
 
+    if not take_lease(lease, wait=wait_lease, wait_timeout=wait_timeout, ttl_s=lease_ttl):
+        raise typer.Exit(0)
+    code, record = run_under_lease(cfg, lease)
+    console.print(f"incremental: {record.get('new', 0)} new, {record.get('skipped', 0)} already labeled, "
+                  f"{record.get('errors', 0)} errors → {cfg.output}/{STATE_DIR}/{STATE_FILE}")
+    raise typer.Exit(code)
+
+
+def take_lease(lease: Lease, *, wait: bool, wait_timeout: float | None, ttl_s: float) -> bool:
+    """Acquire the output's lease; False (nothing to do) when another run holds it and we do not wait."""
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     while not lease.acquire():
         h = lease.holder
         msg = f"another run holds the lease until {h.expires_iso} (owner {h.owner}, {lease.path})"
         remaining = None if deadline is None else deadline - time.monotonic()
-        if not wait_lease or (remaining is not None and remaining <= 0):
+        if not wait or (remaining is not None and remaining <= 0):
             console.print(escape(msg) + "; nothing to do, exiting")
-            raise typer.Exit(0)
+            return False
         console.print(escape(msg) + "; waiting")
-        pause = max(1.0, min(30.0, lease_ttl / 10, h.expires_at - time.time() + 0.5))
+        pause = max(1.0, min(30.0, ttl_s / 10, h.expires_at - time.time() + 0.5))
         time.sleep(pause if remaining is None else max(0.0, min(pause, remaining)))
-
     console.print(f"lease taken: {lease.owner} until {lease.holder.expires_iso}")
+    return True
+
+
+def run_under_lease(cfg: RunConfig, lease: Lease) -> tuple[int, dict]:
+    """Run the pipeline while a heartbeat renews the lease; record the run in the state file, release the
+    lease on every exit path. Returns (exit code, the run's record)."""
+    from pipeline.run import ErrorRatioExceeded, run_pipeline
+
     heartbeat = Heartbeat(lease, on_lost=lambda: console.print(
         "[yellow]warning:[/yellow] the lease expired and another run took it over; finishing anyway "
         "(parts are committed atomically; at worst some rows are written twice)"))
@@ -134,9 +149,7 @@ def incremental(config: Optional[Path] = typer.Option(None, "--config", "-c", he
             write_state(cfg, record)
         finally:
             lease.release()
-    console.print(f"incremental: {record.get('new', 0)} new, {record.get('skipped', 0)} already labeled, "
-                  f"{record.get('errors', 0)} errors → {cfg.output}/{STATE_DIR}/{STATE_FILE}")
-    raise typer.Exit(code)
+    return code, record
 
 
 incremental.__signature__ = inspect.Signature(

@@ -9,8 +9,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRUNERS = ("none", "random", "downsample", "uniform", "divprune", "visionzip", "dycoke", "fastv",
-           "iwp", "iwp_magnitude", "iwp_duplication", "iwp_fixed")
+from iwp.registry import PRUNERS
+
 DEFAULT_CAPTION_PROMPT = "Describe this video."
 
 

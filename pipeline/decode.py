@@ -356,17 +356,22 @@ def _classify_open_error(uri: str, exc: BaseException, head: bytes) -> DecodeErr
     return DecodeError("not_a_video", f"{uri}: not a video file FFmpeg can read")
 
 
+def _storage_call(uri: str, what: str, fn, *args):
+    """fn(*args) on the storage: a missing object is `not_found`, anything else a `read_error`."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        raise DecodeError("not_found", f"{uri}: no such file") from None
+    except Exception as e:
+        raise DecodeError("read_error", f"{uri}: {what}{type(e).__name__}: {e}") from None
+
+
 def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: bytes | None = None) -> DecodedVideo:
     t0 = time.perf_counter()
     fs = path = None
     if data is None:
         fs, path = _resolve(uri, filesystem)
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            raise DecodeError("not_found", f"{uri}: no such file") from None
-        except Exception as e:
-            raise DecodeError("read_error", f"{uri}: cannot stat: {type(e).__name__}: {e}") from None
+        info = _storage_call(uri, "cannot stat: ", fs.info, path)
         if info.get("type") == "directory":
             raise DecodeError("not_a_video", f"{uri}: is a directory")
         size = info.get("size")
@@ -477,12 +482,7 @@ def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float)
     if filesystem is not None and type(filesystem).__name__ == "MemoryFileSystem":
         # fsspec's memory filesystem lives in this process only: read the bytes here and ship them.
         fs, path = _resolve(uri, filesystem)
-        try:
-            data = fs.cat_file(path)
-        except FileNotFoundError:
-            raise DecodeError("not_found", f"{uri}: no such file") from None
-        except Exception as e:
-            raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+        data = _storage_call(uri, "", fs.cat_file, path)
         filesystem = None
     hang_substr = os.environ.get(HANG_ENV)
     try:

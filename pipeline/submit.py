@@ -251,6 +251,45 @@ def _fail(e) -> None:
     raise typer.Exit(EXIT_CONFIG)
 
 
+def submit_job(client, cfg, address: str, *, incremental: bool, env_vars: dict, pip, submission_id: str | None,
+               entrypoint_num_cpus: float | None) -> str:
+    """Stage the packages + the validated config, submit `jobs.label` (or `jobs.incremental`), print the id."""
+    runtime_env: dict = {}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if pip:
+        runtime_env["pip"] = pip
+    with tempfile.TemporaryDirectory(prefix="framescribe-job-") as tmp:
+        runtime_env["working_dir"] = str(stage_working_dir(config_yaml(cfg), Path(tmp)))
+        entrypoint = f"python -m jobs.{'incremental' if incremental else 'label'} --config {SHIPPED_CONFIG}"
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                       entrypoint_num_cpus=entrypoint_num_cpus,
+                                       metadata={"framescribe.labeling_hash": cfg.labeling_hash(),
+                                                 "framescribe.output": cfg.output})
+        except Exception as e:
+            console.print(f"[red]error:[/red] job submission to {address} failed: {type(e).__name__}: "
+                          f"{escape(str(e))}")
+            raise typer.Exit(1)
+    print(job_id)
+    console.print(f"submitted job {job_id} to {address} (output {cfg.output})\n"
+                  f"  status: framescribe job status {job_id} --address {address}\n"
+                  f"  logs:   framescribe job logs {job_id} --address {address} --follow")
+    return job_id
+
+
+def follow_job(client, job_id: str, address: str, *, follow: bool) -> int:
+    """Wait for the job (streaming its logs with `follow`) and return the exit code its end maps to."""
+    try:
+        if follow:
+            stream_logs(client, job_id)
+        info = wait_for(client, job_id)
+    except KeyboardInterrupt:
+        console.print(f"stopped waiting; the job keeps running (framescribe job stop {job_id} --address {address})")
+        return 130
+    return report_end(info, job_id, address)
+
+
 def make_submit(config_params: Callable[[], list]) -> Callable:
     """The `submit` command; its config flags are `run`'s (from RunConfig), minus `--address`."""
     import inspect
@@ -289,37 +328,11 @@ def make_submit(config_params: Callable[[], list]) -> Callable:
             client = connect(address_)
         except SubmitError as e:
             _fail(e)
-        runtime_env: dict = {}
-        if env_vars:
-            runtime_env["env_vars"] = env_vars
-        if pip_:
-            runtime_env["pip"] = pip_
-        with tempfile.TemporaryDirectory(prefix="framescribe-job-") as tmp:
-            runtime_env["working_dir"] = str(stage_working_dir(config_yaml(cfg), Path(tmp)))
-            entrypoint = f"python -m jobs.{'incremental' if incremental else 'label'} --config {SHIPPED_CONFIG}"
-            try:
-                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                           entrypoint_num_cpus=entrypoint_num_cpus,
-                                           metadata={"framescribe.labeling_hash": cfg.labeling_hash(),
-                                                     "framescribe.output": cfg.output})
-            except Exception as e:
-                console.print(f"[red]error:[/red] job submission to {address_} failed: {type(e).__name__}: "
-                              f"{escape(str(e))}")
-                raise typer.Exit(1)
-        print(job_id)
-        console.print(f"submitted job {job_id} to {address_} (output {cfg.output})\n"
-                      f"  status: framescribe job status {job_id} --address {address_}\n"
-                      f"  logs:   framescribe job logs {job_id} --address {address_} --follow")
+        job_id = submit_job(client, cfg, address_, incremental=incremental, env_vars=env_vars, pip=pip_,
+                            submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
         if not (wait or follow):
             raise typer.Exit(0)
-        try:
-            if follow:
-                stream_logs(client, job_id)
-            info = wait_for(client, job_id)
-        except KeyboardInterrupt:
-            console.print(f"stopped waiting; the job keeps running (framescribe job stop {job_id} --address {address_})")
-            raise typer.Exit(130)
-        raise typer.Exit(report_end(info, job_id, address_))
+        raise typer.Exit(follow_job(client, job_id, address_, follow=follow))
 
     params = inspect.signature(submit).parameters
     submit.__signature__ = inspect.Signature(

@@ -71,7 +71,7 @@ def test_bench_speed_rejects_bad_options(tmp_path):
 
 
 def test_model_shapes_match_the_published_configs():
-    from bench.model_shapes import get_shape
+    from actors.model_shapes import get_shape
 
     q7, q3 = get_shape("qwen2_5_vl", "7b"), get_shape("qwen2_5_vl", "3b")
     assert (q7.text.hidden, q7.text.layers, q7.text.heads, q7.text.kv_heads, q7.text.intermediate) == (

@@ -80,3 +80,43 @@ def test_bench_commands_load_on_demand(name):
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", name, "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Usage" in r.stdout, r.stdout + r.stderr
+
+
+def _definitions(name: str) -> list[str]:
+    found = []
+    for _, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def _calls(name: str) -> list[str]:
+    found = []
+    for _, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("name", ["fastv_scores", "stop_and_pad_ids", "build_model", "qwen_config", "llava_config",
+                                  "qwen_processor", "llava_processor", "build_tokenizer"])
+def test_one_definition(name):
+    """FastV scores, the EOS/pad set-up and each model-shape builder are written once (production and
+    evaluation share them; bench.train_tiny.build_model is a thin wrapper over actors.model_shapes)."""
+    defs = [d for d in _definitions(name) if not (name == "build_model" and d.startswith("bench/train_tiny.py"))]
+    assert len(defs) == 1, defs
+
+
+@pytest.mark.parametrize("cls", ["Qwen2_5_VLConfig", "LlavaOnevisionConfig", "Qwen2_5_VLProcessor",
+                                 "LlavaOnevisionProcessor"])
+def test_model_configs_built_in_one_place(cls):
+    assert {c.split(":")[0] for c in _calls(cls)} == {"actors/model_shapes.py"}, _calls(cls)
+
+
+def test_pruner_registry_is_the_one_config_validates_against():
+    from iwp import baselines, registry
+    from pipeline import config
+
+    assert config.PRUNERS is registry.PRUNERS is baselines.PRUNERS

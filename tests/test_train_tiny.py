@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import synthetic_qa as sq
-from jobs import train_tiny as tt
+from bench import train_tiny as tt
 
 PER_GROUP = (sq.SIZE // 28) ** 2
 
@@ -56,8 +56,14 @@ def test_temporal_labels_look_back_in_time():
 
 
 def test_patchify_matches_the_processor():
-    _, processor = tt.build_model(0, tt.Sizes(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                                              vision_hidden=32, vision_depth=1, vision_intermediate=64))
+    from dataclasses import replace
+
+    from actors.model_shapes import TextShape, VisionShape
+
+    small = replace(tt.TRAINED, text=TextShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=None,
+                                               tied=True, rope_theta=10000.0),
+                    vision=VisionShape(depth=1, hidden=32, intermediate=64, heads=2, fullatt=(0,), tokens_per_second=4))
+    _, processor = tt.build_model(0, small)
     assert tt.check_patchify(processor) < 1e-4
 
 

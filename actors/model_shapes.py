@@ -1,4 +1,6 @@
-"""Random-weight models of real VLM *shapes*, built in memory from a config (nothing saved or downloaded).
+"""Random-weight models of real VLM *shapes*, built in memory from a config (nothing saved or downloaded):
+the one builder of every model shape — the tiny test models (`actors.tiny_model` saves them), the shape the
+shipped tiny model was trained at (`bench.train_tiny`), and the public 0.5B/3B/7B shapes (the benchmarks).
 
 Speed depends on the shape (hidden size, layers, heads, vocabulary, vision tower), not on the weights,
 so the speed benchmarks build a model with the published config numbers and random weights. The
@@ -21,7 +23,8 @@ Where the numbers come from (public `config.json` files on the Hugging Face hub,
 There is no released LLaVA-OneVision 3B: `--arch llava_onevision --size 3b` pairs SigLIP with the
 Qwen2.5-3B text shape (a shape for comparison only). "small" for Qwen2.5-VL is the Qwen2.5-0.5B text
 shape with the real Qwen2.5-VL vision tower (no such released model either); for LLaVA-OneVision it is
-the real 0.5B. "tiny" is the test model of `actors.tiny_model`.
+the real 0.5B. "tiny" is the test model of `actors.tiny_model`; "trained" is the shape of the shipped tiny
+Qwen2.5-VL trained on the synthetic video-QA world (`bench.train_tiny`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 ARCHS = ("qwen2_5_vl", "llava_onevision")
-SIZES = ("tiny", "small", "3b", "7b")
+SIZES = ("tiny", "trained", "small", "3b", "7b")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class VisionShape:
     heads: int
     image_size: int = 384                 # SigLIP only
     fullatt: tuple[int, ...] = (7, 15, 23, 31)  # Qwen2.5-VL only: blocks with full (not windowed) attention
+    tokens_per_second: int = 2            # Qwen2.5-VL only: temporal position step per second of video
 
 
 @dataclass(frozen=True)
@@ -70,32 +74,38 @@ _SIGLIP = VisionShape(depth=26, hidden=1152, intermediate=4304, heads=16, image_
 _TEXT_0_5B = TextShape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tied=True)
 _TEXT_3B = TextShape(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vocab=151936, tied=True)
 _TEXT_7B = TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064, tied=False)
+_TRAINED_TEXT = TextShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=None, tied=True,
+                          rope_theta=10000.0)
 _TINY_TEXT = TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=None, tied=True,
                        rope_theta=10000.0)
 
-SHAPES: dict[tuple[str, str], ModelShape] = {
-    ("qwen2_5_vl", "tiny"): ModelShape("qwen2_5_vl", "tiny", _TINY_TEXT,
-                                       VisionShape(depth=2, hidden=32, intermediate=64, heads=2, fullatt=(1,)),
-                                       112, "actors.tiny_model"),
-    ("qwen2_5_vl", "small"): ModelShape("qwen2_5_vl", "small", _TEXT_0_5B, _QWEN_VISION, 224,
-                                        "Qwen2.5-0.5B text shape + Qwen2.5-VL vision (not a released model)"),
-    ("qwen2_5_vl", "3b"): ModelShape("qwen2_5_vl", "3b", _TEXT_3B, _QWEN_VISION, 448,
-                                     "Qwen/Qwen2.5-VL-3B-Instruct config.json"),
-    ("qwen2_5_vl", "7b"): ModelShape("qwen2_5_vl", "7b", _TEXT_7B, _QWEN_VISION, 448,
-                                     "Qwen/Qwen2.5-VL-7B-Instruct config.json"),
-    ("llava_onevision", "tiny"): ModelShape("llava_onevision", "tiny", _TINY_TEXT,
-                                            VisionShape(depth=2, hidden=32, intermediate=64, heads=2,
-                                                        image_size=112), 112, "actors.tiny_model"),
-    ("llava_onevision", "small"): ModelShape("llava_onevision", "small", _TEXT_0_5B, _SIGLIP, 384,
-                                             "llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json"),
-    ("llava_onevision", "3b"): ModelShape("llava_onevision", "3b", _TEXT_3B, _SIGLIP, 384,
-                                          "SigLIP + Qwen2.5-3B text shape (no released LLaVA-OV 3B)"),
-    ("llava_onevision", "7b"): ModelShape("llava_onevision", "7b", _TEXT_7B, _SIGLIP, 384,
-                                          "llava-hf/llava-onevision-qwen2-7b-ov-hf config.json"),
-}
+_TINY_QWEN_VISION = VisionShape(depth=2, hidden=32, intermediate=64, heads=2, fullatt=(1,))
+_TINY_SIGLIP = VisionShape(depth=2, hidden=32, intermediate=64, heads=2, image_size=112)
+# at 8 fps a temporal group spans 0.25 s → temporal position step 1
+_TRAINED_QWEN_VISION = VisionShape(depth=2, hidden=64, intermediate=128, heads=2, fullatt=(1,), tokens_per_second=4)
+_TRAINED_SIGLIP = VisionShape(depth=2, hidden=64, intermediate=128, heads=2, image_size=112)
+
+SHAPES: dict[tuple[str, str], ModelShape] = {(s.arch, s.size): s for s in [
+    # arch, size, text, vision, default frame side, where the numbers come from
+    ModelShape("qwen2_5_vl", "tiny", _TINY_TEXT, _TINY_QWEN_VISION, 112, "actors.tiny_model"),
+    ModelShape("qwen2_5_vl", "trained", _TRAINED_TEXT, _TRAINED_QWEN_VISION, 112,
+               "bench.train_tiny (actors/assets/tiny-qwen2_5_vl-synthqa)"),
+    ModelShape("qwen2_5_vl", "small", _TEXT_0_5B, _QWEN_VISION, 224,
+               "Qwen2.5-0.5B text shape + Qwen2.5-VL vision (not a released model)"),
+    ModelShape("qwen2_5_vl", "3b", _TEXT_3B, _QWEN_VISION, 448, "Qwen/Qwen2.5-VL-3B-Instruct config.json"),
+    ModelShape("qwen2_5_vl", "7b", _TEXT_7B, _QWEN_VISION, 448, "Qwen/Qwen2.5-VL-7B-Instruct config.json"),
+    ModelShape("llava_onevision", "tiny", _TINY_TEXT, _TINY_SIGLIP, 112, "actors.tiny_model"),
+    ModelShape("llava_onevision", "trained", _TRAINED_TEXT, _TRAINED_SIGLIP, 112,
+               "the trained Qwen2.5-VL's sizes with a SigLIP tower (a LLaVA-OneVision for the synthetic world)"),
+    ModelShape("llava_onevision", "small", _TEXT_0_5B, _SIGLIP, 384, "llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json"),
+    ModelShape("llava_onevision", "3b", _TEXT_3B, _SIGLIP, 384, "SigLIP + Qwen2.5-3B text shape (no released LLaVA-OV 3B)"),
+    ModelShape("llava_onevision", "7b", _TEXT_7B, _SIGLIP, 384, "llava-hf/llava-onevision-qwen2-7b-ov-hf config.json"),
+]}
 
 
-def get_shape(arch: str, size: str) -> ModelShape:
+def get_shape(arch: str, size: str | ModelShape) -> ModelShape:
+    if isinstance(size, ModelShape):
+        return size
     if arch not in ARCHS:
         raise ValueError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if size not in SIZES:
@@ -136,7 +146,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu x{torch.get_num_threads()} threads ({platform.machine()})"
 
 
-def _qwen_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE splits head_dim/2 rotary frequencies over (t, h, w): [16, 24, 24] for head_dim 128."""
+    half = head_dim // 2
+    return [16, 24, 24] if half == 64 else [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+
+
+def qwen_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
     from transformers import Qwen2_5_VLConfig
 
     from actors.tiny_model import QWEN_SPECIAL
@@ -144,9 +160,7 @@ def _qwen_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     t, v = shape.text, shape.vision
     head_dim = t.hidden // t.heads
-    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w): [16, 24, 24] for head_dim 128
-    half = head_dim // 2
-    mrope = [16, 24, 24] if half == 64 else [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    mrope = mrope_section(head_dim)
     fullatt = [i for i in v.fullatt if i < vision_layers] or [vision_layers - 1]
     vocab = t.vocab or len(tokenizer)
     return Qwen2_5_VLConfig(
@@ -159,14 +173,14 @@ def _qwen_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
         vision_config=dict(depth=vision_layers, hidden_size=v.hidden, intermediate_size=v.intermediate,
                            num_heads=v.heads, out_hidden_size=t.hidden, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=112 if v.hidden >= 256 else 56,
-                           fullatt_block_indexes=fullatt, tokens_per_second=2),
+                           fullatt_block_indexes=fullatt, tokens_per_second=v.tokens_per_second),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=t.tied,
     ), vocab
 
 
-def _qwen_processor(tokenizer, resolution: int):
+def qwen_processor(tokenizer, resolution: int):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from actors.tiny_model import QWEN_CHAT_TEMPLATE
@@ -177,7 +191,7 @@ def _qwen_processor(tokenizer, resolution: int):
                                video_processor=Qwen2VLVideoProcessor(**pix), chat_template=QWEN_CHAT_TEMPLATE)
 
 
-def _llava_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
+def llava_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
     from transformers import LlavaOnevisionConfig
 
     from actors.tiny_model import LLAVA_SPECIAL
@@ -201,7 +215,7 @@ def _llava_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int)
     ), vocab
 
 
-def _llava_processor(tokenizer, image_size: int):
+def llava_processor(tokenizer, image_size: int):
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     from actors.tiny_model import LLAVA_CHAT_TEMPLATE
@@ -214,10 +228,11 @@ def _llava_processor(tokenizer, image_size: int):
         chat_template=LLAVA_CHAT_TEMPLATE)
 
 
-def build_model(arch: str, size: str, *, device: torch.device, dtype: torch.dtype, layers: int | None = None,
-                vision_layers: int | None = None, resolution: int | None = None, attn: str = "sdpa",
-                seed: int = 0) -> BuiltModel:
-    """Random-weight model of `arch`/`size` (optionally fewer LLM / vision layers) on `device` in `dtype`."""
+def build_model(arch: str, size: str | ModelShape, *, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32, layers: int | None = None, vision_layers: int | None = None,
+                resolution: int | None = None, attn: str = "sdpa", seed: int = 0) -> BuiltModel:
+    """Random-weight model of `arch`/`size` (a name in SIZES or a ModelShape; optionally fewer LLM / vision
+    layers) on `device` in `dtype`, with the offline tokenizer and the architecture's real processor."""
     from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
     from actors.tiny_model import LLAVA_SPECIAL, QWEN_SPECIAL, build_tokenizer
@@ -229,13 +244,13 @@ def build_model(arch: str, size: str, *, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"layers and vision layers must be >= 1, got {n_layers} and {n_vision}")
     if arch == "qwen2_5_vl":
         tokenizer = build_tokenizer(QWEN_SPECIAL)
-        config, vocab = _qwen_config(shape, tokenizer, n_layers, n_vision)
-        processor = _qwen_processor(tokenizer, resolution or shape.resolution)
+        config, vocab = qwen_config(shape, tokenizer, n_layers, n_vision)
+        processor = qwen_processor(tokenizer, resolution or shape.resolution)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
         tokenizer = build_tokenizer(LLAVA_SPECIAL)
-        config, vocab = _llava_config(shape, tokenizer, n_layers, n_vision)
-        processor = _llava_processor(tokenizer, shape.vision.image_size)
+        config, vocab = llava_config(shape, tokenizer, n_layers, n_vision)
+        processor = llava_processor(tokenizer, shape.vision.image_size)
         cls = LlavaOnevisionForConditionalGeneration
     torch.manual_seed(seed)
     with torch.device(device):  # weights are created (and randomly initialised) directly on the device
