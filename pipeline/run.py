@@ -328,6 +328,7 @@ def _keep_log(out: Location, log_path: Path) -> str:
     try:
         dest = out.path(STATE_DIR, "logs", log_path.name)
         out.fs.put_file(str(log_path), dest)
+        log_path.unlink()  # the temp copy: the object is the log now
         return f"{out.uri.split('://', 1)[0]}://{dest}"
     except Exception:  # losing the upload must not fail a finished run; the local copy stays
         return str(log_path)
