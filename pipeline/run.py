@@ -368,8 +368,8 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
             log_file = _keep_log(out, log_path)
         index.refresh()  # one more listing: only the parts this run wrote are read
     report = _compact(cfg, index, before_run=False)  # retried tasks, --retry-errors: one row per key
-    summary = summarize(cfg, index, run_id, labeling_hash, plan.n_videos, plan.n_videos - len(plan.todo),
-                        time.perf_counter() - t0)
+    skipped = plan.n_videos - (plan.limited_from or len(plan.todo))  # --limit leaves the rest to do, not skipped
+    summary = summarize(cfg, index, run_id, labeling_hash, plan.n_videos, skipped, time.perf_counter() - t0)
     summary.duplicates_removed = plan.duplicates_removed + report.duplicates_removed
     summary.log_file = log_file
     write_state(out, summary)
