@@ -58,12 +58,20 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
               "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens")
+              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens", "kept_token_indices", "token_grid",
+              "reference")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
     # bytearray: a writable buffer, so torch.from_numpy in the processor gets writable memory
     return np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape([int(x) for x in row["frames_shape"]])
+
+
+def token_grid(video) -> list[int] | None:
+    """[temporal groups, rows, columns] of a video's visual tokens (what `kept_token_indices` index into)."""
+    if video.layout.grid_hw is None:
+        return None
+    return [video.layout.n_chunks, *video.layout.grid_hw]
 
 
 class VideoCaptioner:
@@ -136,6 +144,7 @@ class VideoCaptioner:
             for (r, pid, prompt, enc, p), text in zip(chunk, texts):
                 out.append(self._row(r, pid, prompt, status="ok", text=text.strip(),
                                      visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
+                                     kept_token_indices=p.keep.tolist(), token_grid=token_grid(enc),
                                      iwp_residual=p.residual, retention_used=p.retention_used,
                                      vision_ms=vision_ms, prune_ms=p.prune_ms,
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
@@ -148,7 +157,8 @@ class VideoCaptioner:
                 "retention": self.prune.retention, "frames_sampled": int(r.get("frames_sampled") or 0),
                 "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
                 "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
-                "height": r.get("height"), "decode_ms": r.get("decode_ms"), **self.row_defaults}
+                "height": r.get("height"), "decode_ms": r.get("decode_ms"), "reference": r.get("reference"),
+                **self.row_defaults}
 
     def _row(self, r: dict, pid: str, prompt: str, **fields: Any) -> dict:
         return {**self._base(r), "prompt_id": pid, "prompt": prompt, "error_type": None, "error_message": None,

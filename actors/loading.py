@@ -91,6 +91,20 @@ def check_model_available(ref: str, *, revision: str | None = None, storage_opti
             f"and pass --model DIR, or set HF_HOME to a cache that holds it.") from None
 
 
+def resolve_revision(ref: str, revision: str | None = None) -> str | None:
+    """A hub model's revision as the commit it points to now (a branch or tag moves; rows and the labeling hash
+    must name what was used). Local and object-store models: `revision` unchanged (it has no meaning there)."""
+    if is_object_store(ref) or Path(resolve_model(ref)).exists():
+        return revision
+    from huggingface_hub import hf_hub_download
+
+    try:  # the file lands in (or is read from, offline) HF_HOME/hub/models--org--name/snapshots/<commit>/
+        return Path(hf_hub_download(ref, "config.json", revision=revision)).parent.name
+    except Exception as e:
+        raise ModelLoadError(f"model_revision: cannot resolve {revision or 'main'!r} of {ref!r} to a commit "
+                             f"({type(e).__name__}: {e})") from None
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

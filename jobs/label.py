@@ -3,7 +3,8 @@
     ray job submit --working-dir . -- python -m jobs.label --config run.yaml [--retention 0.5 ...]
 
 Takes exactly `framescribe run`'s options (the same generated flags) and exits with its codes:
-0 done, 1 failed, 2 bad config, 3 too many errors. Inside a Ray job, RAY_ADDRESS is set by Ray, so
+0 done, 1 failed, 2 bad config, 3 too many errors, 4 another run holds the output's lease
+(`--wait-lease` waits for it instead; see pipeline/lease.py). Inside a Ray job, RAY_ADDRESS is set by Ray, so
 the run joins the cluster the job was submitted to (leave `address` out of the config).
 """
 from __future__ import annotations

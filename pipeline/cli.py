@@ -3,6 +3,7 @@ Python API can never drift apart."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import typing
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 import typer.core
 import typer.main
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
@@ -21,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
 EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+EXIT_LEASE_HELD = 4  # another run holds the output's lease (one writer per output; --wait-lease waits)
 
 
 def _flag_type(annotation):
@@ -100,17 +103,24 @@ def print_plan(cfg: RunConfig, plan) -> None:
 
 
 def execute(cfg: RunConfig) -> int:
-    """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 1 failed)."""
+    """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 4 output busy, 1 failed)."""
+    from pipeline.lease import LeaseHeld, LeaseLost
     from pipeline.run import ErrorRatioExceeded, run_pipeline
 
     try:
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, log=lambda line: console.print(escape(line)))
         if cfg.dry_run:
             print_plan(cfg, summary)
             return 0
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
+    except LeaseHeld as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return EXIT_LEASE_HELD
+    except LeaseLost as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return EXIT_FAILED
     except ErrorRatioExceeded as e:
         print_summary(e.summary)
         console.print(f"[red]error:[/red] {e}")
@@ -156,6 +166,7 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
          pruner: str = typer.Option("iwp"), retention: float = typer.Option(0.25)):
     """Make a few short videos (and one broken file), make or reuse a tiny model, label them on local Ray."""
     from actors.tiny_model import make_tiny_model
+    from pipeline.discover import VIDEO_EXTENSIONS
     from pipeline.sample_videos import make_demo_videos
 
     videos = workdir / "videos"
@@ -185,30 +196,62 @@ def demo(workdir: Path = typer.Option(Path(".framescribe-cache/demo"), help="whe
                 make_tiny_model(model_dir, "qwen2_5_vl")
             model = str(model_dir)
     (videos / "broken.mp4").write_bytes(b"this is not a video")
-    cfg = RunConfig(input=str(videos), output=str(workdir / "labels"), model=model, pruner=pruner,
+    # a manifest carries each clip's reference caption into its rows (the report shows it beside the caption)
+    manifest = workdir / "manifest.jsonl"
+    clips = [p for p in sorted(videos.iterdir()) if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+    manifest.write_text("".join(json.dumps({"uri": f"videos/{p.name}", "reference": references.get(p.name)}) + "\n"
+                                for p in clips))
+    cfg = RunConfig(input=str(manifest), output=str(workdir / "labels"), model=model, pruner=pruner,
                     retention=retention, batch_size=4, overwrite=True, **sampling)
     code = execute(cfg)
     if code == 0:
-        _print_rows(cfg.output, references)
+        from pipeline.report import build_report
+
+        _print_rows(cfg.output)
         console.print(f"Parquet dataset: {Path(cfg.output).resolve()}  "
                       f"(read it with pyarrow.dataset.dataset(PATH) or duckdb read_parquet('PATH/**/*.parquet'))")
+        result = build_report(cfg.output, str(workdir / "report"))
+        console.print(f"Report (open it in a browser; it needs no server or network): {result.index.as_uri()}")
     raise typer.Exit(code)
 
 
-def _print_rows(output: str, references: dict[str, str] | None = None) -> None:
+def _print_rows(output: str) -> None:
     from pipeline.output import read_rows
 
     rows = read_rows(output, columns=["uri", "status", "visual_tokens_kept", "visual_tokens_full", "text",
-                                      "error_type"]).to_pylist()
+                                      "error_type", "reference"]).to_pylist()
+    with_reference = any(r["reference"] for r in rows)
     t = Table(title="rows")
-    for c in ("video", "status", "tokens", "text / error") + (("reference caption",) if references else ()):
+    for c in ("video", "status", "tokens", "text / error") + (("reference caption",) if with_reference else ()):
         t.add_column(c)
     for r in sorted(rows, key=lambda r: r["uri"]):
         tokens = f"{r['visual_tokens_kept']}/{r['visual_tokens_full']}" if r["status"] == "ok" else ""
-        name = Path(r["uri"]).name
-        cells = [name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:120]]
-        t.add_row(*cells, *((references.get(name, ""),) if references else ()))
+        cells = [Path(r["uri"]).name, r["status"], tokens, (r["text"] or r["error_type"] or "")[:120]]
+        t.add_row(*cells, *((r["reference"] or "",) if with_reference else ()))
     Console().print(t)
+
+
+@app.command()
+def report(output: str = typer.Argument(..., help="the run's output: a directory or s3:// prefix"),
+           html: Optional[Path] = typer.Option(None, "--html", help="folder to write the report to [default: "
+                                               "OUT/_framescribe/report for a local OUT, else ./framescribe-report]"),
+           limit: int = typer.Option(100, help="videos to show as cards (the summary covers every row)"),
+           status: Optional[str] = typer.Option(None, help="show only videos with rows of this status: ok | error"),
+           error_type: Optional[str] = typer.Option(None, help="show only rows with this error type, e.g. corrupt"),
+           s3_endpoint: Optional[str] = typer.Option(None, help="object storage endpoint (else AWS_ENDPOINT_URL)"),
+           anon: bool = typer.Option(False, help="anonymous object storage access")):
+    """Write a static HTML report of a run's output: summary, then per video its frames with the kept visual
+    tokens shown (dropped ones dimmed), caption or answers, reference and error. Opens from disk, no network."""
+    from pipeline.report import ReportError, build_report
+
+    try:
+        result = build_report(output, None if html is None else str(html), limit=limit, status=status,
+                              error_type=error_type, s3_endpoint=s3_endpoint, anon=anon)
+    except ReportError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_CONFIG)
+    console.print(f"{result.videos_shown} of {result.videos_total} videos, {result.bytes_total / 1e6:.1f} MB")
+    print(result.index)
 
 
 from pipeline.submit import register as _register_submit  # noqa: E402  (`submit`, `job status|logs|stop|list`)

@@ -77,6 +77,13 @@ class RunConfig(BaseModel):
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")
 
+    # one writer per output: the lease OUT/_framescribe/lease.json (pipeline/lease.py)
+    lease_ttl: float = Field(600.0, ge=1, description="seconds the output's lease lasts without renewal (renewed every "
+                             "ttl/3); after a crash on another machine the next run waits at most this long")
+    wait_lease: bool = Field(False, description="when another run holds the output's lease, wait for it instead of "
+                             "exiting (code 4; a scheduled incremental run exits 0)")
+    wait_timeout: Optional[float] = Field(None, gt=0, description="with wait_lease: give up after this many seconds")
+
     @field_validator("pruner")
     @classmethod
     def _known_pruner(cls, v: str) -> str:

@@ -20,6 +20,7 @@ class VideoInput:
     ~300 MiB of driver memory (see docs/benchmarks.md, bench scale)."""
     uri: str
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, prompt)
+    reference: str | None = None  # a manifest's `reference` (e.g. a ground-truth caption), copied into the rows
     video_id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -140,7 +141,8 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                     own += [qs] if isinstance(qs, str) else list(qs)
                 if row.get("question"):
                     own.append(row["question"])
-                inputs.append(VideoInput(uri, _prompt_pairs(own)))
+                reference = row.get("reference")
+                inputs.append(VideoInput(uri, _prompt_pairs(own), None if reference is None else str(reference)))
         elif any(c in path for c in "*?["):
             shared = _prompt_pairs(prompts)
             inputs = [VideoInput(_with_protocol(fs, p, cfg.input), shared)

@@ -1,8 +1,12 @@
 """A lease (a lock with an expiry) kept next to the output: OUT/_framescribe/lease.json.
 
-acquire: write it when it is absent or expired (owner id, expiry); the holder renews it while it
-works (a heartbeat thread) and marks it expired when done. A run that crashed holds nothing once
-its lease expires, so the next scheduled run takes over.
+Every run that writes or compacts an output holds this lease (`hold_output_lease`): `framescribe run`,
+`python -m jobs.label`, `python -m jobs.incremental` and the jobs `framescribe submit` starts.
+
+acquire: write it when it is absent, expired, already ours (a retry of the same run: same owner id,
+see `lease_owner`), or held by a process of this host that no longer exists (owner id, host, pid,
+expiry); the holder renews it while it works (a heartbeat thread) and marks it released on every exit
+path. A run that crashed on another machine holds nothing once its lease expires.
 
 How exclusive acquisition is, by storage:
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -54,6 +59,24 @@ class LeaseInfo:
 
     def expired(self, now: float) -> bool:
         return self.released or self.expires_at <= now
+
+    def process_gone(self) -> bool:
+        """The holder ran on this host and its process has exited (killed, crashed): its lease is void."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        try:  # a killed child its parent has not reaped yet is a zombie: gone too
+            return open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
+
+    def describe(self) -> str:
+        return f"owner {self.owner} (host {self.host or '?'}, pid {self.pid or '?'}) until {self.expires_iso}"
 
     @property
     def expires_iso(self) -> str:
@@ -95,7 +118,7 @@ class Lease:
         now = self.clock()
 
         def take(cur: Optional[LeaseInfo]):
-            if cur is not None and cur.owner != self.owner and not cur.expired(now):
+            if cur is not None and cur.owner != self.owner and not cur.expired(now) and not cur.process_gone():
                 return _KEEP
             return LeaseInfo(owner=self.owner, expires_at=now + self.ttl_s, acquired_at=now, renewed_at=now,
                              host=socket.gethostname(), pid=os.getpid())
@@ -218,3 +241,84 @@ class Heartbeat(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join(timeout=5)
+
+
+# --- one writer per output: what every run does -----------------------------------------------------
+
+OWNER_ENV = "FRAMESCRIBE_LEASE_OWNER"  # a stable id across retries of one run (e.g. the RayJob's name)
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output's lease (and we did not wait, or waited too long)."""
+
+    def __init__(self, holder: Optional[LeaseInfo], path: str):
+        who = holder.describe() if holder is not None else "another run"
+        super().__init__(f"another run holds the output's lease: {who} ({path}); wait for it with --wait-lease, "
+                         "or stop that run")
+        self.holder, self.path = holder, path
+
+
+class LeaseLost(RuntimeError):
+    """Our lease expired and another run took it over while we worked: we stopped writing."""
+
+
+def lease_owner(run_id: Optional[str] = None) -> Optional[str]:
+    """Owner id a retry of the same run shares: $FRAMESCRIBE_LEASE_OWNER, else run:<run_id>, else None (unique)."""
+    if os.environ.get(OWNER_ENV, "").strip():
+        return os.environ[OWNER_ENV].strip()
+    return f"run:{run_id}" if run_id else None
+
+
+@contextmanager
+def hold_output_lease(output: str, *, ttl_s: float = 600.0, wait: bool = False, wait_timeout_s: Optional[float] = None,
+                      owner: Optional[str] = None, s3_endpoint: Optional[str] = None, anon: bool = False,
+                      log: Callable[[str], None] = print, settle_s: float = 0.5):
+    """Hold the output's lease for the body: acquire (or wait), renew, release on every exit path.
+
+    Raises LeaseHeld when another run holds it (after `wait_timeout_s` with `wait`); LeaseLost when it
+    was taken over while the body ran (the main thread is interrupted then, so writing stops).
+    SIGTERM (pod eviction, `ray job stop`) becomes SystemExit inside the body, so the lease is released.
+    """
+    lease = Lease(output, ttl_s=ttl_s, owner=owner, s3_endpoint=s3_endpoint, anon=anon, settle_s=settle_s)
+    deadline = None if wait_timeout_s is None else time.monotonic() + wait_timeout_s
+    while not lease.acquire():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if not wait or (remaining is not None and remaining <= 0):
+            raise LeaseHeld(lease.holder, lease.path)
+        h = lease.holder
+        log(f"waiting for the output's lease: {h.describe() if h else 'another run'} ({lease.path})")
+        until_expiry = (h.expires_at - time.time() + 0.5) if h else 1.0
+        pause = max(0.5, min(30.0, ttl_s / 10, until_expiry))
+        time.sleep(pause if remaining is None else max(0.0, min(pause, remaining)))
+    log(f"lease taken: {lease.owner} until {lease.holder.expires_iso} ({lease.path})")
+
+    main = threading.current_thread() is threading.main_thread()
+
+    def lost() -> None:
+        log(f"error: the output's lease was taken over by {lease.holder.describe() if lease.holder else 'another run'}; "
+            "stopping")
+        if main:  # a signal, not interrupt_main(): it also wakes a main thread blocked in a sleep or a wait
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    heartbeat = Heartbeat(lease, on_lost=lost)
+    old_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    heartbeat.start()
+    try:
+        yield lease
+    except KeyboardInterrupt:
+        if heartbeat.lost:
+            raise LeaseLost(f"the output's lease ({lease.path}) was taken over by another run while this one wrote; "
+                            "stopped (committed parts stay; the next run resumes)") from None
+        raise
+    finally:
+        heartbeat.stop()
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
+        try:
+            lease.release()
+        except Exception as e:  # the store is unreachable: the lease expires by itself after ttl
+            log(f"warning: could not release the lease {lease.path}: {type(e).__name__}: {e}")
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)

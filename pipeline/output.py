@@ -23,6 +23,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
+    # added later (outputs written before them read back as nulls): what the pruner kept, and the manifest's reference
+    ("kept_token_indices", pa.list_(pa.int32())), ("token_grid", pa.list_(pa.int32())), ("reference", pa.string()),
 ])
 STATE_DIR = "_framescribe"  # run summaries; the leading underscore keeps it out of dataset readers
 
@@ -69,8 +71,10 @@ CHECKPOINT_ROWS = 1_000   # rows a write task gathers before it commits a part: 
 
 
 def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str | None = None,
-              anon: bool = False) -> pa.Table:
-    """Every committed row under `output` (empty table with the schema when there is none)."""
+              anon: bool = False, filter: pc.Expression | None = None) -> pa.Table:
+    """Every committed row under `output` (or those matching `filter`; empty table with the schema when none).
+
+    Parts written before a column existed read back with nulls in it (the dataset reads with OUTPUT_SCHEMA)."""
     loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
     loc.fs.invalidate_cache(loc.root)  # object stores: parts written by other processes since the last listing
     if not loc.fs.exists(loc.root) or not loc.fs.glob(loc.path("*.parquet")):
@@ -79,7 +83,7 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
     import pyarrow.dataset as pads
 
     ds = pads.dataset(loc.root, format="parquet", filesystem=arrow_fs(loc.fs), schema=OUTPUT_SCHEMA)
-    return ds.to_table(columns=columns)
+    return ds.to_table(columns=columns, filter=filter)
 
 
 def arrow_fs(fs):

@@ -5,6 +5,7 @@ import json
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,7 +58,8 @@ def decode_row(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None, an
     from pipeline.decode import DecodeError, decode_video
     from pipeline.storage import get_fs as _get_fs
 
-    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"], "status": "ok",
+    out = {"video_id": row["video_id"], "uri": row["uri"], "prompts": row["prompts"],
+           "reference": row.get("reference"), "status": "ok",
            "error_type": None, "error_message": None, "frames": b"", "frames_shape": [0, 0, 0, 3],
            "frame_timestamps": [], "frames_sampled": 0, "duration_s": None, "fps": None, "width": None,
            "height": None, "decode_ms": None}
@@ -89,13 +91,28 @@ class RunPlan:
         return sum(len(v.prompts) for v in self.todo)
 
 
-def preflight(cfg: RunConfig) -> tuple[list[VideoInput], OutputIndex]:
-    """What can fail fast, before Ray starts: buckets, input listing, output access; then one
-    listing and one key-column read of the output (`OutputIndex`) for resume, compaction and summary."""
+def preflight(cfg: RunConfig) -> tuple[RunConfig, list[VideoInput]]:
+    """Everything that can fail fast, before the lease and Ray: model (its hub revision pinned), input listing,
+    output access. Returns the config with `model_revision` resolved to a commit, and the inputs."""
+    from actors.loading import ModelLoadError, check_model_available, resolve_revision
+
+    opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.model, "model", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.input, "input", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
     check_bucket(cfg.output, "output", s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, write=True)
-    inputs = discover_inputs(cfg)
+    try:
+        check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
+        revision = resolve_revision(cfg.model, cfg.model_revision)
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+    if revision != cfg.model_revision:  # a branch or tag moves: rows and the labeling hash name the commit
+        cfg = cfg.model_copy(update={"model_revision": revision})
+    return cfg, discover_inputs(cfg)
+
+
+def prepare_output(cfg: RunConfig) -> OutputIndex:
+    """Under the output's lease (a dry run: without it, read only): --overwrite clears the output; then one
+    listing and one key-column read of it (`OutputIndex`) serve resume, compaction and the summary."""
     try:
         out = Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
         if cfg.overwrite and not cfg.dry_run:
@@ -108,7 +125,7 @@ def preflight(cfg: RunConfig) -> tuple[list[VideoInput], OutputIndex]:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    return inputs, index
+    return index
 
 
 def todo_from(inputs: list[VideoInput], index: OutputIndex, labeling_hash: str, *,
@@ -129,33 +146,19 @@ def todo_from(inputs: list[VideoInput], index: OutputIndex, labeling_hash: str, 
             have = {pid for pid, _ in todo[v.video_id].prompts}
             todo[v.video_id].prompts.extend(pp for pp in pairs if pp[0] not in have)
         else:
-            todo[v.video_id] = VideoInput(v.uri, pairs)
+            todo[v.video_id] = VideoInput(v.uri, pairs, v.reference)
     return list(todo.values())
 
 
-def check_model(cfg: RunConfig) -> None:
-    """The model can be loaded (ConfigError naming the field otherwise). Checked only when there is
-    something to label (or on a dry run): it imports torch, which a finished job need not wait for."""
-    from actors.loading import ModelLoadError, check_model_available
-
-    opts = storage_options(cfg.model, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-    try:
-        check_model_available(cfg.model, revision=cfg.model_revision, storage_options=opts)
-    except ModelLoadError as e:
-        raise ConfigError(str(e)) from None
-
-
-def plan_run(cfg: RunConfig, inputs: list[VideoInput] | None = None) -> RunPlan:
-    """Preflight, heal the output (compaction), and work out the (video, prompt) pairs still to do."""
-    discovered, index = preflight(cfg)
-    inputs = discovered if inputs is None else inputs
+def plan_run(cfg: RunConfig, inputs: list[VideoInput]) -> RunPlan:
+    """After preflight: index the output, heal it (compaction), and work out the (video, prompt) pairs
+    still to do."""
+    index = prepare_output(cfg)
     # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
     dups = 0 if (cfg.overwrite or cfg.dry_run) else _compact(cfg, index, before_run=True).duplicates_removed
     todo = todo_from(inputs, index, cfg.labeling_hash(), include_errors=not cfg.retry_errors)
     plan = RunPlan(inputs=inputs, todo=todo, index=index,
                    n_videos=len({v.video_id for v in inputs}), duplicates_removed=dups)
-    if plan.todo or cfg.dry_run:
-        check_model(cfg)  # still before any Ray work
     if cfg.limit is not None and len(plan.todo) > cfg.limit:
         plan.limited_from = len(plan.todo)
         plan.todo = plan.todo[:cfg.limit]
@@ -218,7 +221,8 @@ def input_blocks(todo: list[VideoInput]) -> list:
     import pyarrow as pa
 
     table = pa.table({"video_id": [v.video_id for v in todo], "uri": [v.uri for v in todo],
-                      "prompts": [json.dumps(v.prompts) for v in todo]})
+                      "prompts": [json.dumps(v.prompts) for v in todo],
+                      "reference": pa.array([v.reference for v in todo], pa.string())})
     rows = max(1, -(-len(todo) // MAX_INPUT_BLOCKS))
     return [table.slice(i, rows) for i in range(0, len(todo), rows)] or [table]
 
@@ -285,10 +289,14 @@ def summarize(cfg: RunConfig, index: OutputIndex, run_id: str, labeling_hash: st
     return s
 
 
-def write_state(out: Location, summary: RunSummary) -> None:
+def write_state(cfg: RunConfig, out: Location, summary: RunSummary) -> None:
+    from pipeline.decode import SamplingSpec
+
     out.fs.makedirs(out.path(STATE_DIR), exist_ok=True)
+    # the sampling lets `framescribe report` decode the very frames the model saw
     payload = {**asdict(summary), "videos_per_s": summary.videos_per_s, "pipeline_version": __version__,
-               "finished_at": datetime.now(timezone.utc).isoformat()}
+               "finished_at": datetime.now(timezone.utc).isoformat(),
+               "sampling": asdict(SamplingSpec.from_config(cfg)), "decode_timeout_s": cfg.decode_timeout_s}
     with out.fs.open(out.path(STATE_DIR, f"run-{summary.run_id}.json"), "w") as f:
         json.dump(payload, f, indent=2, default=str)
 
@@ -346,17 +354,43 @@ def _keep_log(out: Location, log_path: Path) -> str:
         return str(log_path)
 
 
-def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> RunSummary | RunPlan:
+def output_lease(cfg: RunConfig, log=print):
+    """The output's lease as this config asks for it (see pipeline/lease.py)."""
+    from pipeline.lease import hold_output_lease, lease_owner
+
+    return hold_output_lease(cfg.output, ttl_s=cfg.lease_ttl, wait=cfg.wait_lease, wait_timeout_s=cfg.wait_timeout,
+                             owner=lease_owner(cfg.run_id), s3_endpoint=cfg.s3_endpoint, anon=cfg.anon, log=log)
+
+
+def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, lease=None,
+                 log=print) -> RunSummary | RunPlan:
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
-    With `dry_run`, returns the `RunPlan` and labels nothing."""
+    With `dry_run`, returns the `RunPlan` and labels nothing (no lease, nothing written).
+
+    The run holds the output's lease from before its first write to after its last: pass `lease` when the
+    caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
+    """
+    t0 = time.perf_counter()
+    cfg, discovered = preflight(cfg)
+    inputs = discovered if inputs is None else inputs
+    if cfg.dry_run:
+        return plan_run(cfg, inputs)
+    if lease is not None:
+        return _run_held(cfg, inputs, t0)
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lease(cfg, log=log))
+        except OSError as e:  # the output cannot hold a lease (permissions, store down): fix it locally
+            raise ConfigError(f"output: cannot take the lease on {cfg.output!r}: {type(e).__name__}: {e}") from None
+        return _run_held(cfg, inputs, t0)
+
+
+def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float) -> RunSummary:
     from pipeline.progress import ConsoleRoute
 
-    t0 = time.perf_counter()
     run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
     plan = plan_run(cfg, inputs)
-    if cfg.dry_run:
-        return plan
     index, out = plan.index, plan.index.loc
     log_path = log_path_for(cfg, out, run_id)
     log_file = ""
@@ -372,7 +406,7 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None) -> R
     summary = summarize(cfg, index, run_id, labeling_hash, plan.n_videos, skipped, time.perf_counter() - t0)
     summary.duplicates_removed = plan.duplicates_removed + report.duplicates_removed
     summary.log_file = log_file
-    write_state(out, summary)
+    write_state(cfg, out, summary)
     if summary.error_ratio > cfg.max_error_ratio:
         raise ErrorRatioExceeded(summary, cfg.max_error_ratio)
     return summary

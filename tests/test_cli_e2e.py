@@ -76,6 +76,11 @@ def test_yaml_config_qa_with_questions_and_duckdb(tmp_path, tiny_llava, corpus):
     assert {r[2] for r in rows if r[0] == str(missing)} == {"error"}
     assert {r[3] for r in rows if r[0] == str(missing)} == {"not_found"}
     assert all(r[4] == math.ceil(0.25 * r[5]) for r in rows if r[2] == "ok")
+    # LLaVA-OneVision: one token group per sampled frame; the kept indices are what the count says
+    grids = con.execute(f"select token_grid, kept_token_indices, visual_tokens_full from "
+                        f"read_parquet('{tmp_path / 'out'}/**/*.parquet') where status = 'ok'").fetchall()
+    for grid, kept, full in grids:
+        assert grid[0] == 4 and grid[0] * grid[1] * grid[2] == full and len(kept) == math.ceil(0.25 * full)
 
 
 def test_bad_config_fails_fast_naming_the_field(tmp_path, tiny_qwen, mixed_dir):
@@ -134,3 +139,13 @@ def test_demo_captions_describe_its_clips(tmp_path):
         right, wrong, total = right + len(said & truth), wrong + len(said - truth), total + len(truth)
     texts = {n: r["text"] for n, r in ok.items()}
     assert right >= 0.6 * total and right >= 0.6 * (right + wrong), texts
+    # the demo ends with the report: the printed path opens the clips' cards, references beside the captions
+    import re
+    from urllib.parse import unquote, urlparse
+
+    (url,) = re.findall(r"file://\S+/index\.html", res.stderr)
+    page = Path(unquote(urlparse(url).path))
+    html = page.read_text()
+    assert html.count('<article class="card"') == 5 and "not_a_video" in html
+    assert all(r["reference"] and r["reference"].replace("'", "&#x27;") in html for r in ok.values())
+    assert len(list((page.parent / "frames").glob("*.jpg"))) == 4

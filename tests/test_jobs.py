@@ -250,7 +250,7 @@ def test_incremental_exits_0_while_another_run_holds_the_lease(tmp_path, tiny_qw
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     msg = _flat(r.stderr)
-    assert "another run holds the lease until" in msg and "other-run" in msg
+    assert "another run holds the output's lease: owner other-run" in msg and "exiting 0" in msg
     assert not list(out.glob("*.parquet")) and not (out / "_framescribe" / "incremental-state.json").exists()
     # --wait-lease waits, then gives up after --wait-timeout (still exit 0, still nothing written)
     t0 = time.monotonic()
