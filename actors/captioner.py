@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.attention_bias import check_bias_support
 from actors.generation import greedy_generate, stop_and_pad_ids
 from actors.loading import load_model, make_adapter
 from actors.splice import PruneSpec, fastv_scores, prune_video
+from iwp import uses_bias
 
 # Test hook: when set to a file path, the first model actor that reaches its second batch creates that
 # file and exits at once (os._exit), as an actor killed by the OOM killer or a node failure would. The
@@ -56,7 +58,7 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
 
 
 ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
-              "pruner", "retention", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
+              "pruner", "retention", "compensation", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
               "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens", "kept_token_indices", "token_grid",
               "reference")
@@ -83,6 +85,8 @@ class VideoCaptioner:
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
             attn_implementation=attn, storage_options=storage_options)
         self.adapter = make_adapter(self.model, self.processor)
+        if uses_bias(prune.compensation):
+            check_bias_support(self.model)  # fail at actor start, not per batch
         self.prune = prune
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -154,7 +158,7 @@ class VideoCaptioner:
     # ---- rows ----
     def _base(self, r: dict) -> dict:
         return {"video_id": r["video_id"], "uri": r["uri"], "pruner": self.prune.method,
-                "retention": self.prune.retention, "frames_sampled": int(r.get("frames_sampled") or 0),
+                "retention": self.prune.retention, "compensation": self.prune.compensation, "frames_sampled": int(r.get("frames_sampled") or 0),
                 "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
                 "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
                 "height": r.get("height"), "decode_ms": r.get("decode_ms"), "reference": r.get("reference"),

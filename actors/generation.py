@@ -13,11 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.attention_bias import extend_key_bias, padded_key_bias, prefill_mask, step_mask
+
 
 @dataclass
 class SplicedSequence:
     embeds: torch.Tensor     # (L, D) LLM input embeddings, visual tokens already pruned
     positions: torch.Tensor  # (P, L) position ids from the full sequence (P=3 for M-RoPE, 1 for 1-D RoPE)
+    key_bias: torch.Tensor | None = None  # (L,) additive attention-logit bias per key (log m_i; 0 on text), or None
 
 
 @dataclass
@@ -65,11 +68,18 @@ def position_arg(positions: torch.Tensor) -> torch.Tensor:
     return positions[0] if positions.shape[0] == 1 else positions
 
 
+def left_pad_key_bias(seqs: list[SplicedSequence], length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, L) left-padded key biases of the batch, or None when no sequence carries one."""
+    return padded_key_bias([s.key_bias for s in seqs], length, seqs[0].embeds.device, dtype)
+
+
 @torch.inference_mode()
 def prefill_logits(model, seqs: list[SplicedSequence]) -> torch.Tensor:
     """Logits of every position of the (left-padded) batch: what the equivalence tests compare."""
     embeds, mask, positions = left_pad(seqs)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions), use_cache=False)
+    bias = left_pad_key_bias(seqs, embeds.shape[1], embeds.dtype)
+    attn = mask if bias is None else prefill_mask(mask, bias, embeds.dtype)
+    out = model(inputs_embeds=embeds, attention_mask=attn, position_ids=position_arg(positions), use_cache=False)
     return out.logits
 
 
@@ -81,13 +91,14 @@ def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, 
 
     device = seqs[0].embeds.device
     embeds, mask, positions = left_pad(seqs)
+    bias = left_pad_key_bias(seqs, embeds.shape[1], embeds.dtype)  # None: the plain 2-D mask path
     cache = DynamicCache(config=model.config.get_text_config())
     embed_tokens = model.get_input_embeddings()
 
     sync_device(device)
     t0 = clock()
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_arg(positions),
-                cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(inputs_embeds=embeds, attention_mask=mask if bias is None else prefill_mask(mask, bias, embeds.dtype),
+                position_ids=position_arg(positions), cache=cache, use_cache=True, logits_to_keep=1)
     next_tok = out.logits[:, -1].argmax(-1)
     sync_device(device)
     t1 = clock()
@@ -104,8 +115,11 @@ def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, 
         if bool(done.all()) or steps == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if bias is not None:  # every decoding step keeps the bias on the cached visual keys
+            bias = extend_key_bias(bias)
         step_pos = next_pos.view(1, -1, 1).expand(positions.shape[0], -1, 1)
-        out = model(inputs_embeds=embed_tokens(next_tok)[:, None], attention_mask=mask,
+        out = model(inputs_embeds=embed_tokens(next_tok)[:, None],
+                    attention_mask=mask if bias is None else step_mask(mask, bias, embeds.dtype),
                     position_ids=position_arg(step_pos), cache=cache, use_cache=True)
         next_tok = out.logits[:, -1].argmax(-1)
         next_pos = next_pos + 1

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from actors.generation import SplicedSequence
-from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds
+from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds, sequence_key_bias
 from iwp import TokenLayout
 
 
@@ -78,4 +78,5 @@ class LlavaOneVisionAdapter(VideoPromptIds):
         n_kept = int(keep_mask.sum())
         positions = (torch.nonzero(keep_mask).squeeze(1) if self.original_positions
                      else torch.arange(n_kept, device=ids.device))
-        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[None])
+        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[None],
+                               key_bias=sequence_key_bias(pruned, kept_idx, keep_mask))

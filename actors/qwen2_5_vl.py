@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from actors.generation import SplicedSequence
-from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds
+from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds, sequence_key_bias
 from iwp import TokenLayout
 
 
@@ -70,4 +70,5 @@ class Qwen25VLAdapter(VideoPromptIds):
         embeds[kept_idx] = pruned.embeds.to(embeds.dtype)
         keep_mask = ids != self.video_token_id
         keep_mask[kept_idx] = True
-        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[:, 0, keep_mask])
+        return SplicedSequence(embeds=embeds[keep_mask], positions=positions[:, 0, keep_mask],
+                               key_bias=sequence_key_bias(pruned, kept_idx, keep_mask))

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.generation import sync_device
-from iwp import IWPSettings, PruneResult, TokenLayout, budget_for, prune_tokens, relative_residual
+from iwp import (IWPSettings, PruneResult, TokenLayout, assign_to_kept, budget_for, compensated_residual,
+                 merged_embeddings, prune_tokens, relative_residual, uses_bias, uses_merge)
+from iwp.compensation import check_compensation
 
 
 @dataclass
@@ -31,6 +33,11 @@ class PrunedVideo:
     residual: float | None
     prune_ms: float
     retention_used: float
+    counts: torch.Tensor | None = None   # (K,) tokens each kept token stands for (mass compensation); None: no bias
+
+    def key_bias(self) -> torch.Tensor | None:
+        """(K,) additive attention-logit bias log m_i of the kept visual keys, or None without a bias."""
+        return None if self.counts is None else self.counts.float().log()
 
 
 @dataclass
@@ -42,6 +49,11 @@ class PruneSpec:
     max_residual: float | None = None    # quality guard: raise the budget until residual <= this
     max_retention: float = 1.0
     seed: int = 0
+    compensation: str = "none"           # none | bias | merge | bias+merge (iwp.compensation)
+    compensation_assignment: str = "global"  # pruned tokens go to the most duplicated kept token: global | chunk
+
+    def __post_init__(self) -> None:
+        check_compensation(self.compensation, self.compensation_assignment)
 
     @property
     def query_dependent(self) -> bool:
@@ -66,6 +78,17 @@ class VideoPromptIds:
         i = ids.index(self.video_token_id)
         n = video.embeds.shape[0] + (0 if video.trailing is None else video.trailing.shape[0])
         return torch.tensor(ids[:i] + [self.video_token_id] * n + ids[i + 1:], device=video.embeds.device)
+
+
+def sequence_key_bias(pruned: PrunedVideo, kept_idx: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor | None:
+    """(L',) key bias of a spliced sequence: log m_i at the kept visual tokens (full-sequence indices
+    `kept_idx`), 0 elsewhere, restricted to the kept positions `keep_mask`; None without compensation."""
+    bias = pruned.key_bias()
+    if bias is None:
+        return None
+    full = torch.zeros(keep_mask.shape[0], dtype=torch.float32, device=keep_mask.device)
+    full[kept_idx] = bias.to(full.device)
+    return full[keep_mask]
 
 
 def layer_kv(language_model, embeds: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,18 +127,37 @@ def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_sc
         result: PruneResult = prune_tokens(spec.method, video.embeds, video.layout, budget_for(n, retention),
                                            keys=keys, values=values, attn_scores=attn_scores,
                                            settings=spec.settings, generator=generator)
-        guard_ok = (spec.max_residual is None or result.residual is None or result.residual <= spec.max_residual)
-        if guard_ok or retention >= spec.max_retention:
+        keep = result.keep.to(device)
+        embeds = result.embeds if result.embeds is not None else video.embeds[keep]
+        counts = None
+        if spec.compensation != "none":
+            comp = assign_to_kept(keys, values, keep, spec.settings, video.layout, spec.compensation_assignment)
+            counts = comp.counts if uses_bias(spec.compensation) else None
+            if uses_merge(spec.compensation):
+                embeds = merged_embeddings(video.embeds, comp)
+        residual = None
+        if spec.max_residual is not None:  # the guard judges what the LLM will see (compensated or not)
+            residual = _seen_residual(keys, values, keep, counts, embeds, result, spec, language_model)
+        if residual is None or residual <= spec.max_residual or retention >= spec.max_retention:
             break
         retention = min(spec.max_retention, retention * 1.5)  # quality guard: grow the budget geometrically
-    keep = result.keep.to(device)
-    embeds = result.embeds if result.embeds is not None else video.embeds[keep]
     sync_device(device)
     prune_ms = (time.perf_counter() - t0) * 1e3
-    residual = result.residual
     if residual is None:  # a fidelity signal for every method, computed outside the timed selection
-        residual = relative_residual(keys, values, keep, spec.settings)
-    return PrunedVideo(keep, embeds.to(video.embeds.dtype), n, residual, prune_ms, retention)
+        residual = _seen_residual(keys, values, keep, counts, embeds, result, spec, language_model)
+    return PrunedVideo(keep, embeds.to(video.embeds.dtype), n, residual, prune_ms, retention, counts)
+
+
+def _seen_residual(keys, values, keep, counts, embeds, result: PruneResult, spec: PruneSpec, language_model) -> float:
+    """‖W − W_seen‖²/‖W‖² of what the LLM sees: kept tokens (merged when merging), weighted by their counts."""
+    merged = uses_merge(spec.compensation) or result.embeds is not None
+    if counts is None and not merged:
+        if result.residual is not None:
+            return result.residual
+        return relative_residual(keys, values, keep, spec.settings)
+    kept_keys, kept_values = layer_kv(language_model, embeds, spec.layer) if merged else (None, None)
+    weights = counts if counts is not None else torch.ones(keep.numel(), device=keys.device)
+    return compensated_residual(keys, values, keep, weights, kept_keys, kept_values, spec.settings)
 
 
 @torch.inference_mode()

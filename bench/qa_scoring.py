@@ -97,8 +97,9 @@ class QAModel:
                 ids_t = torch.tensor(ids, device=seq.embeds.device)
                 pos = torch.arange(next_pos, next_pos + len(ids), device=seq.positions.device)
                 pos = pos.view(1, -1).expand(seq.positions.shape[0], -1)
+                bias = None if seq.key_bias is None else torch.cat([seq.key_bias, seq.key_bias.new_zeros(len(ids) - 1)])
                 seqs.append(SplicedSequence(embeds=torch.cat([seq.embeds, emb(ids_t[:-1]).to(seq.embeds.dtype)]),
-                                            positions=torch.cat([seq.positions, pos[:, :-1]], dim=1)))
+                                            positions=torch.cat([seq.positions, pos[:, :-1]], dim=1), key_bias=bias))
                 targets.append(ids)
                 owner.append(p)
         scores: list[list[float]] = [[] for _ in pairs]

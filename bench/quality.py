@@ -40,9 +40,9 @@ SWEEP_GRID = {"lam": (0.1, 0.3, 0.5, 0.7, 0.9), "temperature": (0.5, 1.0, 2.0, 4
 SWEEP_RETENTIONS = (0.25, 0.10)
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
 
-ACCURACY_COLUMNS = ("method", "retention", "questions", "accuracy", "loglik_accuracy", "rel_accuracy",
-                    "rel_loglik_accuracy", "kept_tokens", "full_tokens", "residual_mean", "model", "split", "format",
-                    "seed", "lam", "temperature", "floor")
+ACCURACY_COLUMNS = ("model", "method", "retention", "questions", "accuracy", "loglik_accuracy", "rel_accuracy",
+                    "rel_loglik_accuracy", "kept_tokens", "full_tokens", "residual_mean", "answer_changed",
+                    "residual_rank_corr", "compensation", "split", "format", "seed", "lam", "temperature", "floor")
 FIDELITY_COLUMNS = ("model", "method", "retention", "videos", "attn_err_mean", "hidden_err_mean", "final_err",
                     "residual_mean", "attn_err_layers", "hidden_err_layers")
 
@@ -66,15 +66,22 @@ class QualityConfig:
     temperature: Optional[float] = None
     floor: Optional[float] = None
     threads: Optional[int] = None
+    count_every: int = 1                   # every k-th clip asks its counting question first (0: no forcing)
+    bootstrap: int = 2000                  # paired resamples for the confidence intervals
 
     def __post_init__(self) -> None:
         from iwp import PRUNERS
 
         if not self.methods:
-            self.methods = tuple(PRUNERS)
+            self.methods = default_methods()
         for m in self.methods:
-            if m not in PRUNERS:
-                raise ValueError(f"methods: unknown pruner {m!r}; choose from {', '.join(PRUNERS)}")
+            base, comp = parse_method(m)
+            if base not in PRUNERS:
+                raise ValueError(f"methods: unknown pruner {base!r} in {m!r}; choose from {', '.join(PRUNERS)}")
+            if base == "none" and comp != "none":
+                raise ValueError(f"methods: {m!r}: 'none' prunes nothing to compensate")
+        if self.count_every < 0 or self.bootstrap < 0:
+            raise ValueError("count_every and bootstrap must be >= 0")
         for r in self.retentions:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"retentions: each must be in (0, 1], got {r}")
@@ -84,6 +91,34 @@ class QualityConfig:
             raise ValueError("videos must be >= 0 (0: only the 7B-shaped fidelity) and per_clip >= 1")
         if self.videos == 0 and not self.big_videos:
             raise ValueError("nothing to do: --videos 0 and --big-videos 0")
+
+
+COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed")
+TEMPORAL_QTYPES = ("appeared_first", "appeared_last", "disappeared", "changed", "direction")
+
+
+def default_methods() -> tuple[str, ...]:
+    """Every pruner plain, and the main ones with the log-count bias (`dycoke+bias`, ...)."""
+    from iwp import PRUNERS
+
+    return tuple(PRUNERS) + tuple(f"{m}+bias" for m in COMPENSATED_BY_DEFAULT)
+
+
+def parse_method(name: str) -> tuple[str, str]:
+    """'dycoke+bias+merge' → ('dycoke', 'bias+merge'); 'iwp' → ('iwp', 'none')."""
+    from iwp import COMPENSATIONS
+
+    base, _, comp = name.partition("+")
+    comp = comp or "none"
+    if comp not in COMPENSATIONS:
+        raise ValueError(f"methods: unknown compensation {comp!r} in {name!r}; choose from {', '.join(COMPENSATIONS)}")
+    return base, comp
+
+
+def is_baseline(method: str) -> bool:
+    """A non-IWP pruning method (with or without compensation)."""
+    base, _ = parse_method(method)
+    return base != "none" and not base.startswith("iwp")
 
 
 def default_model() -> str:
@@ -99,6 +134,8 @@ def _cases(methods, retentions) -> list[tuple[str, float]]:
         for r in retentions:
             if m == "none" and r < 1.0:
                 continue
+            if r >= 1.0 and ("+" in m or (m != "none" and "none" in methods)):
+                continue  # nothing pruned: every method (and its compensation) is the unpruned row
             cases.append((m, float(r)))
     return cases
 
@@ -116,8 +153,8 @@ def load_qa(path: str, threads: Optional[int] = None):
     return QAModel.load(path, attn="eager", max_new_tokens=8)
 
 
-def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chunk: int = 16):
-    """(encoded videos, QA items) for clips 0..n-1 of `split`."""
+def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chunk: int = 16, count_every: int = 0):
+    """(encoded videos, QA items) for clips 0..n-1 of `split`; every `count_every`-th clip asks its count first."""
     from bench import synthetic_qa as sq
     from bench.qa_scoring import QAItem
 
@@ -126,22 +163,30 @@ def encode_clips(qa, split: str, n: int, seed: int, per_clip: int, fmt: str, chu
         clips = [sq.make_clip(split, i, seed) for i in range(s, min(n, s + chunk))]
         encoded += qa.encode([c.frames for c in clips], [c.timestamps for c in clips])
         for j, c in enumerate(clips):
-            items += [QAItem(s + j, q.prompt(fmt), q.answer, q.options, q.qtype) for q in sq.eval_questions(c, per_clip)]
+            include = ("count",) if count_every and (s + j) % count_every == 0 else ()
+            items += [QAItem(s + j, q.prompt(fmt), q.answer, q.options, q.qtype)
+                      for q in sq.eval_questions(c, per_clip, include)]
     return encoded, items
 
 
-def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print) -> tuple[list[dict], list[dict]]:
+def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print, per_question: dict | None = None
+                  ) -> tuple[list[dict], list[dict]]:
+    """Accuracy per (method, retention) and per question type; `per_question` (if given) receives every
+    case's per-question results, keyed (method, retention), for the paired statistics."""
     from actors.splice import PruneSpec
     from bench.qa_scoring import answer_items
 
     rows, by_type = [], []
     for method, r in cases:
         t0 = time.perf_counter()
-        spec = PruneSpec(method=method, retention=r, settings=settings, seed=seed)
+        base, comp = parse_method(method)
+        spec = PruneSpec(method=base, retention=r, settings=settings, seed=seed, compensation=comp)
         res = answer_items(qa, encoded, items, spec, loglik=True)
+        if per_question is not None:
+            per_question[(method, r)] = res
         kept = np.mean([x["kept"] for x in res])
         resid = [x["residual"] for x in res if x["residual"] is not None]
-        row = {"method": method, "retention": r, "questions": len(res),
+        row = {"method": method, "compensation": comp, "retention": r, "questions": len(res),
                "accuracy": float(np.mean([x["correct"] for x in res])),
                "loglik_accuracy": float(np.mean([x["loglik_correct"] for x in res])),
                "kept_tokens": round(float(kept), 2), "full_tokens": res[0]["full"],
@@ -190,6 +235,113 @@ def answerable_rows(by_type: list[dict], margin: float = ANSWERABLE_MARGIN) -> t
                     "types": " ".join(types)})
     _add_relative(out)
     return out, types
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+def rank_correlation(x, y) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="mergesort")
+        sv = v[order]
+        out = np.empty(len(v))
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and sv[j + 1] == sv[i]:
+                j += 1
+            out[order[i:j + 1]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    if len(x) < 2:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def paired_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a − b over the same questions and its percentile CI from paired resampling of the questions."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if not n_boot or len(d) == 0:
+        return float(d.mean()) if len(d) else 0.0, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 250):  # bounded index blocks
+        idx = rng.integers(0, len(d), (min(250, n_boot - start), len(d)))
+        means[start:start + idx.shape[0]] = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "tied"
+
+
+def add_answer_changed(rows: list[dict], per_question: dict) -> None:
+    """answer_changed: share of questions whose greedy answer differs from the unpruned one; residual_rank_corr:
+    Spearman correlation of the per-video residual with 'the answer changed' over the questions."""
+    base = next((res for (m, _r), res in per_question.items() if m == "none"), None)
+    for row in rows:
+        res = per_question.get((row["method"], row["retention"]))
+        if base is None or res is None:
+            continue
+        changed = [int(x["text"] != y["text"]) for x, y in zip(res, base)]
+        row["answer_changed"] = round(float(np.mean(changed)), 4)
+        pairs = [(x["residual"], c) for x, c in zip(res, changed) if x["residual"] is not None]
+        corr = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+        row["residual_rank_corr"] = None if corr is None else round(corr, 4)
+
+
+def paired_rows(per_question: dict, items, n_boot: int, seed: int, key: str = "correct") -> list[dict]:
+    """At every retention < 1: IWP (the method named exactly `iwp`) minus every other method, over the same
+    questions, with a paired-bootstrap 95 % CI; plus iwp minus iwp_fixed on the questions that need time."""
+    out = []
+    rets = sorted({r for (_m, r) in per_question if r < 1.0}, reverse=True)
+    temporal = np.array([it.qtype in TEMPORAL_QTYPES for it in items])
+    for r in rets:
+        iwp = per_question.get(("iwp", r))
+        if iwp is None:
+            continue
+        a = np.array([x[key] for x in iwp], dtype=float)
+        for (m, rr), res in per_question.items():
+            if rr != r or m == "iwp":
+                continue
+            b = np.array([x[key] for x in res], dtype=float)
+            diff, lo, hi = paired_ci(a, b, n_boot, seed)
+            out.append({"retention": r, "subset": "all", "method": m, "baseline": is_baseline(m),
+                        "iwp": round(float(a.mean()), 4), "other": round(float(b.mean()), 4),
+                        "diff": round(diff, 4), "ci_lo": round(lo, 4), "ci_hi": round(hi, 4), "iwp_is": verdict(lo, hi)})
+            if m == "iwp_fixed" and temporal.any():
+                diff, lo, hi = paired_ci(a[temporal], b[temporal], n_boot, seed)
+                out.append({"retention": r, "subset": "temporal", "method": m, "baseline": False,
+                            "iwp": round(float(a[temporal].mean()), 4), "other": round(float(b[temporal].mean()), 4),
+                            "diff": round(diff, 4), "ci_lo": round(lo, 4), "ci_hi": round(hi, 4),
+                            "iwp_is": verdict(lo, hi)})
+    return out
+
+
+def best_baseline_rows(paired: list[dict]) -> list[dict]:
+    """Per retention: IWP against the best baseline (non-IWP method, with or without compensation)."""
+    out = []
+    for r in dict.fromkeys(p["retention"] for p in paired):
+        base = [p for p in paired if p["retention"] == r and p["baseline"] and p["subset"] == "all"]
+        if not base:
+            continue
+        best = max(base, key=lambda p: p["other"])
+        worst_case = "better than every baseline" if all(p["iwp_is"] == "better" for p in base) else (
+            "best or tied with the best" if all(p["iwp_is"] != "worse" for p in base) else "behind a baseline")
+        out.append({"retention": r, "iwp": best["iwp"], "best_baseline": best["method"], "best": best["other"],
+                    "diff": best["diff"], "ci_lo": best["ci_lo"], "ci_hi": best["ci_hi"],
+                    "iwp_vs_best": best["iwp_is"], "iwp_vs_all_baselines": worst_case})
+    return out
 
 
 def sweep_iwp(qa, cfg: QualityConfig, base, log=print) -> tuple[list[dict], dict]:
@@ -251,12 +403,16 @@ def text_after_video(qa, enc, prompt: str) -> int:
 def run_states(qa, seq, n_text: int) -> dict:
     import torch
 
+    from actors.attention_bias import prefill_mask
+
     lm = qa.adapter.language_model
+    mask = torch.ones(1, seq.embeds.shape[0], dtype=torch.long)
+    if seq.key_bias is not None:  # compensation: the same 4-D float mask the generation loop builds
+        mask = prefill_mask(mask, seq.key_bias[None], seq.embeds.dtype)
     store, handles = _capture(lm)
     try:
         with torch.inference_mode():
-            lm(inputs_embeds=seq.embeds[None], position_ids=seq.positions[:, None],
-               attention_mask=torch.ones(1, seq.embeds.shape[0], dtype=torch.long), use_cache=False)
+            lm(inputs_embeds=seq.embeds[None], position_ids=seq.positions[:, None], attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -283,7 +439,8 @@ def fidelity_rows(qa, encoded, prompts: list[str], cases, settings, seed: int, m
     rows = []
     for method, r in cases:
         t0 = time.perf_counter()
-        spec = PruneSpec(method=method, retention=r, settings=settings, seed=seed)
+        base, comp = parse_method(method)
+        spec = PruneSpec(method=base, retention=r, settings=settings, seed=seed, compensation=comp)
         attn, hidden, final, resid = [], [], [], []
         for enc, prompt, ref, n_text in zip(encoded, prompts, refs, n_texts):
             p = qa.prune(enc, spec, prompt)
@@ -493,16 +650,73 @@ def plot_fidelity(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def by_type_table(by_type: list[dict], key: str = "accuracy") -> str:
+    """(method @ retention) x question type (%), the question count of each type in the last row."""
+    types = sorted({r["qtype"] for r in by_type})
+    lines = ["| method @ retention | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    for m, ret in dict.fromkeys((r["method"], r["retention"]) for r in by_type):
+        cells = [next((_pct(r[key]) for r in by_type if (r["method"], r["retention"], r["qtype"]) == (m, ret, t)), "")
+                 for t in types]
+        lines.append(f"| {m} @ {ret:g} | " + " | ".join(cells) + " |")
+    first = next(iter(dict.fromkeys((r["method"], r["retention"]) for r in by_type)), None)
+    counts = [next((str(r["questions"]) for r in by_type if (r["method"], r["retention"], r["qtype"]) == (*first, t)),
+                   "") for t in types] if first else []
+    lines.append("| (questions) | " + " | ".join(counts) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(paired: list[dict]) -> str:
+    lines = ["| retention | questions | other method | iwp % | other % | iwp − other (95 % CI), points | iwp is |",
+             "|---:|---|---|---:|---:|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['retention']:g} | {p['subset']} | {p['method']} | {_pct(p['iwp'])} | {_pct(p['other'])} | "
+                     f"{100 * p['diff']:+.1f} ({100 * p['ci_lo']:+.1f}, {100 * p['ci_hi']:+.1f}) | {p['iwp_is']} |")
+    return "\n".join(lines)
+
+
 def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[dict], sweep: list[dict],
-                   chosen: dict, meta: dict, by_type: list[dict] | None = None) -> Path:
+                   chosen: dict, meta: dict, by_type: list[dict] | None = None, paired: list[dict] | None = None,
+                   paired_loglik: list[dict] | None = None) -> Path:
     by_type = by_type or []
+    paired = paired or []
     lines = [f"# Quality benchmark ({meta['model_name']})", "",
              f"Command: `{meta['command']}`", "",
              f"Test split: {cfg.videos} clips x {cfg.per_clip} questions ({cfg.fmt} format), seed {cfg.seed}; "
              f"IWP settings λ={chosen['lam']:g}, temperature={chosen['temperature']:g}, floor={chosen['floor']:g}.", ""]
     if acc:
-        lines += ["## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy"), "",
-                  "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy"), ""]
+        n_q = acc[0]["questions"]
+        n_count = sum(r["questions"] for r in by_type if r["qtype"] == "count" and r["method"] == acc[0]["method"]
+                      and r["retention"] == acc[0]["retention"])
+        se = 100 * math.sqrt(0.25 / max(1, n_q))
+        lines += [f"{n_q} questions per (method, retention), {n_count} of them counting; one standard error of an "
+                  f"accuracy is at most {se:.1f} points. `+bias`: log-count attention bias (mass compensation), "
+                  "`+bias+merge`: and the size-weighted merged embedding.", "",
+                  "## Accuracy (greedy exact match, %)", "", accuracy_table(acc, "accuracy", relative=True), "",
+                  "## Accuracy (option log-likelihood, %)", "", accuracy_table(acc, "loglik_accuracy", relative=True), ""]
+        if paired:
+            best = best_baseline_rows(paired)
+            lines += ["## IWP against the best baseline (greedy; paired bootstrap over the same questions)", "",
+                      "| retention | iwp % | best baseline | its % | iwp − best (95 % CI), points | iwp vs best | "
+                      "iwp vs every baseline |", "|---:|---:|---|---:|---|---|---|"]
+            for b in best:
+                lines.append(f"| {b['retention']:g} | {_pct(b['iwp'])} | {b['best_baseline']} | {_pct(b['best'])} | "
+                             f"{100 * b['diff']:+.1f} ({100 * b['ci_lo']:+.1f}, {100 * b['ci_hi']:+.1f}) | "
+                             f"{b['iwp_vs_best']} | {b['iwp_vs_all_baselines']} |")
+            lines += ["", "## IWP minus every other method (greedy, paired bootstrap 95 % CI; `temporal`: only the "
+                      f"questions that need time: {', '.join(TEMPORAL_QTYPES)})", "", paired_table(paired), ""]
+        if paired_loglik:
+            lines += ["## IWP minus every other method (option log-likelihood)", "", paired_table(paired_loglik), ""]
+        corr = [r for r in acc if r.get("residual_rank_corr") is not None]
+        if corr:
+            lines += ["## Does the residual predict a changed answer?", "",
+                      "Spearman rank correlation of the per-video residual (of what the LLM sees) with 'the greedy "
+                      "answer differs from the unpruned one', over the questions:", "",
+                      "| method | retention | answers changed % | rank correlation |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['method']} | {r['retention']:g} | {_pct(r['answer_changed'])} | "
+                      f"{r['residual_rank_corr']:+.3f} |" for r in corr]
+            lines.append("")
+        if by_type:
+            lines += ["## Accuracy per question type (greedy, %)", "", by_type_table(by_type), ""]
         ans, types = answerable_rows(by_type)
         if ans:
             lines += [f"## Accuracy on the question types the unpruned model answers (option log-likelihood >= "
@@ -540,7 +754,7 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
     base = replace(defaults, **{k: getattr(cfg, k) for k in ("lam", "temperature", "floor") if getattr(cfg, k) is not None})
     sweep, chosen = [], {"lam": base.lam, "temperature": base.temperature, "floor": base.floor}
     cases = _cases(cfg.methods, cfg.retentions)
-    acc, by_type, fid = [], [], []
+    acc, by_type, fid, paired, paired_loglik = [], [], [], [], []
     fid_cases = [(m, r) for m, r in cases if r < 1.0]
     model_path, model_name = None, "random-7b-shape"
     if cfg.videos:
@@ -555,10 +769,23 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
                 f"floor={defaults.floor})")
         settings = replace(base, **chosen)
         log(f"accuracy: {cfg.videos} test clips, {len(cases)} method x retention cases ...")
-        encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt)
-        acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log)
+        encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt,
+                                      count_every=cfg.count_every)
+        per_question: dict = {}
+        acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log, per_question=per_question)
+        add_answer_changed(acc, per_question)
+        paired = paired_rows(per_question, items, cfg.bootstrap, cfg.seed)
+        paired_loglik = paired_rows(per_question, items, cfg.bootstrap, cfg.seed, key="loglik_correct")
         for r in acc:
             r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
+        for r in by_type:
+            r["model"] = model_name
+        for r in paired + paired_loglik:
+            r["model"] = model_name
+        for r in paired:
+            r["score"] = "accuracy"
+        for r in paired_loglik:
+            r["score"] = "loglik_accuracy"
         if cfg.fidelity_videos:
             n = min(cfg.fidelity_videos, len(encoded))
             prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
@@ -573,7 +800,13 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
         fid += big_model_fidelity(cfg, fid_cases, settings, log=log)
     if acc:
         write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
-        write_csv(out / "accuracy_by_type.csv", by_type)
+        write_csv(out / "accuracy_by_type.csv", by_type,
+                  ("model", "method", "retention", "qtype", "questions", "accuracy", "loglik_accuracy", "chance"))
+        if paired:
+            write_csv(out / "paired.csv", paired + paired_loglik,
+                      ("model", "score", "retention", "subset", "method", "baseline", "iwp", "other", "diff", "ci_lo",
+                       "ci_hi", "iwp_is"))
+            write_csv(out / "iwp_vs_best.csv", best_baseline_rows(paired))
         answerable, _ = answerable_rows(by_type)
         if answerable:
             write_csv(out / "accuracy_answerable.csv", answerable)
@@ -583,11 +816,12 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
         write_csv(out / "fidelity.csv", fid, FIDELITY_COLUMNS)
         plot_fidelity(fid, out / "fidelity.png")
     meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
-    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type)
+    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type, paired, paired_loglik)
     (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in asdict(cfg).items()}, "model": model_path,
                                                  "iwp_settings": chosen, "torch": torch.__version__}, indent=2))
-    return {"accuracy": acc, "by_type": by_type, "fidelity": fid, "sweep": sweep, "chosen": chosen, "markdown": md}
+    return {"accuracy": acc, "by_type": by_type, "fidelity": fid, "sweep": sweep, "chosen": chosen, "markdown": md,
+            "paired": paired}
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -605,7 +839,8 @@ def command(
     per_clip: int = typer.Option(3, help="questions per clip"),
     fmt: str = typer.Option("mc", "--format", help="question format: mc | short"),
     retentions: str = typer.Option(",".join(f"{r:g}" for r in DEFAULT_RETENTIONS), help="comma-separated"),
-    methods: str = typer.Option("", help="comma-separated pruners (default: all of iwp.PRUNERS)"),
+    methods: str = typer.Option("", help="comma-separated pruners, `+bias` / `+merge` / `+bias+merge` for mass "
+                                         "compensation (default: every pruner, and the main ones +bias)"),
     out: Path = typer.Option(Path("bench-out/quality"), help="directory for CSV, Markdown and PNG"),
     fidelity_videos: int = typer.Option(16, help="test clips for the trained model's fidelity (0: skip)"),
     big_videos: int = typer.Option(2, help="natural-looking clips for the 7B-shaped random model (0: skip)"),
@@ -616,6 +851,8 @@ def command(
     temperature: Optional[float] = typer.Option(None, help="IWP temperature"),
     floor: Optional[float] = typer.Option(None, help="IWP per-chunk floor"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    count_every: int = typer.Option(1, help="every k-th clip asks its counting question first (0: no forcing)"),
+    bootstrap: int = typer.Option(2000, help="paired-bootstrap resamples for the confidence intervals"),
 ):
     """Accuracy (synthetic temporal video-QA) and attention-output fidelity of every pruner x retention."""
     import sys
@@ -628,7 +865,8 @@ def command(
                             retentions=_floats(retentions), methods=_names(methods), out=out,
                             fidelity_videos=fidelity_videos, big_videos=big_videos, big_layers=big_layers,
                             big_resolution=big_resolution, sweep_videos=sweep_videos, lam=lam,
-                            temperature=temperature, floor=floor, threads=threads)
+                            temperature=temperature, floor=floor, threads=threads, count_every=count_every,
+                            bootstrap=bootstrap)
         if cfg.model is None and cfg.videos:
             default_model()
     except (ValueError, FileNotFoundError) as e:

@@ -402,8 +402,10 @@ def make_clip(split: str, index: int, seed: int = 0) -> SynthClip:
                      objects=objs, questions=questions, caption=make_caption(objs, panning))
 
 
-def eval_questions(clip: SynthClip, per_clip: int = 3) -> list[Question]:
-    """A fixed, type-balanced subset of a clip's questions for evaluation (deterministic per clip)."""
+def eval_questions(clip: SynthClip, per_clip: int = 3, include: tuple[str, ...] = ()) -> list[Question]:
+    """A fixed, type-balanced subset of a clip's questions for evaluation (deterministic per clip).
+
+    `include`: question types picked first when the clip has them (the benchmark's counting share)."""
     rng = np.random.default_rng(np.random.SeedSequence([SPLITS[clip.split], clip.seed, clip.index, 7]))
     by_type: dict[str, list[Question]] = {}
     for q in clip.questions:
@@ -412,6 +414,7 @@ def eval_questions(clip: SynthClip, per_clip: int = 3) -> list[Question]:
     rng.shuffle(types)
     # rare, temporal types first so they are not crowded out by the always-present ones
     types.sort(key=lambda t: ("background", "size", "count").index(t) if t in ("background", "size", "count") else -1)
+    types.sort(key=lambda t: t not in include)  # stable: the included types move to the front
     picked = []
     for t in types[:per_clip]:
         cands = by_type[t]

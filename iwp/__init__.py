@@ -6,6 +6,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ASSIGNMENTS": "compensation",
+    "COMPENSATIONS": "compensation",
+    "Compensation": "compensation",
+    "assign_to_kept": "compensation",
+    "merged_embeddings": "compensation",
+    "uses_bias": "compensation",
+    "uses_merge": "compensation",
+    "compensated_residual": "metric",
     "PRUNERS": "registry",
     "IWPSettings": "settings",
     "PruneResult": "baselines",

@@ -146,9 +146,13 @@ def _scaled_values(f: TokenFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     return head_mhat.unsqueeze(-1) * f.unit_values, head_mhat
 
 
-def _exact_weight_norm(keys: torch.Tensor, scaled_values: torch.Tensor, scale: float) -> float:
-    """Σ_h Σ_ij (ṽ_ih·ṽ_jh) exp(−‖k_ih − k_jh‖²/(2s)) for one token set, dense in row blocks."""
+def _exact_weight_norm(
+    keys: torch.Tensor, scaled_values: torch.Tensor, scale: float, weights: torch.Tensor | None = None
+) -> float:
+    """Σ_h Σ_ij w_i w_j (ṽ_ih·ṽ_jh) exp(−‖k_ih − k_jh‖²/(2s)) for one token set (w = 1 by default), dense in row blocks."""
     n, h, _ = keys.shape
+    if weights is not None:
+        scaled_values = scaled_values * weights.view(-1, 1, 1).to(scaled_values.dtype)
     if n == 0:
         return 0.0
     keys = keys - keys.mean(0, keepdim=True)  # distances are shift-invariant; centring shrinks cancellation
@@ -168,10 +172,22 @@ def _exact_weight_norm(keys: torch.Tensor, scaled_values: torch.Tensor, scale: f
 
 
 def _sampled_weight_norm(
-    keys: torch.Tensor, scaled_values: torch.Tensor, head_mhat: torch.Tensor, scale: float, n_samples: int, generator
+    keys: torch.Tensor,
+    scaled_values: torch.Tensor,
+    head_mhat: torch.Tensor,
+    scale: float,
+    n_samples: int,
+    generator,
+    weights: torch.Tensor | None = None,
 ) -> float:
-    """Unbiased estimate of the same sum: exact diagonal + magnitude-importance-sampled off-diagonal pairs."""
+    """Unbiased estimate of the same sum: exact diagonal + magnitude-importance-sampled off-diagonal pairs.
+
+    Signed weights w (compensation) are sampled ∝ |w_i| m̂_i and enter each pair by their signs."""
     mhat = torch.linalg.vector_norm(head_mhat, dim=-1)  # Frobenius magnitude over heads, (N,)
+    sign = torch.ones_like(mhat) if weights is None else torch.sign(weights.float())
+    if weights is not None:
+        mhat = mhat * weights.float().abs()
+        scaled_values = scaled_values * weights.float().abs().view(-1, 1, 1)
     diagonal = float(mhat.double().square().sum())
     total_mass = float(mhat.double().sum())
     if total_mass == 0.0 or keys.shape[0] < 2:
@@ -185,7 +201,7 @@ def _sampled_weight_norm(
         j = pairs[n_samples + start : n_samples + min(n_samples, start + _SAMPLE_BLOCK)]
         sq_dist = torch.linalg.vector_norm(keys[i] - keys[j], dim=-1).square()  # (S, H), direct: exact for close pairs
         gram = ((scaled_values[i] * scaled_values[j]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
-        dup = gram / (mhat[i] * mhat[j])
+        dup = sign[i] * sign[j] * gram / (mhat[i] * mhat[j]).clamp_min(1e-300)
         dup_sum += torch.where(i == j, torch.zeros_like(dup), dup).sum(dtype=torch.float64)  # diagonal counted exactly
     dup_mean = float(dup_sum) / n_samples
     return diagonal + total_mass**2 * dup_mean
@@ -227,4 +243,51 @@ def relative_residual(
     numerator = max(numerator, 0.0)  # a sampled off-diagonal can dip below the true (>= 0) value
     if numerator == 0.0:
         return 0.0
+    return numerator / max(denominator, 1e-300)
+
+
+def compensated_residual(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    counts: torch.Tensor,
+    kept_keys: torch.Tensor | None = None,
+    kept_values: torch.Tensor | None = None,
+    settings: IWPSettings = IWPSettings(),
+    max_exact: int = 2048,
+    n_samples: int = 4096,
+    generator: torch.Generator | None = None,
+) -> float:
+    """‖W − Σ_{i∈S} m_i v̄_i φ(k̄_i)ᵀ‖²_F / ‖W‖²_F: the residual of what a compensated LLM sees.
+
+    counts m_i (K,) weight each kept token (log m_i is its attention bias); kept_keys / kept_values (K, H, d)
+    are the keys/values of merged kept tokens (default: the kept tokens' own). With all m_i = 1 and no merge
+    this is `relative_residual`. Exact for N + K <= max_exact, else the sampled estimate.
+    """
+    keep = torch.as_tensor(keep, device=keys.device).long()
+    kept_keys = keys[keep] if kept_keys is None else kept_keys
+    kept_values = values[keep] if kept_values is None else kept_values
+    n = keys.shape[0]
+    combined = token_features(
+        torch.cat([_as_heads(keys, "keys"), _as_heads(kept_keys, "kept_keys")]),
+        torch.cat([_as_heads(values, "values"), _as_heads(kept_values, "kept_values")]),
+        IWPSettings(temperature=settings.temperature, head_agg="frobenius"),
+    )
+    # W − W_comp as one signed sum: every original token with +1, every kept (merged) token with −m_i
+    weights = torch.cat([torch.ones(n, device=keys.device), -counts.float().to(keys.device)])
+    scaled_values, head_mhat = _scaled_values(combined)
+    total = n + keep.numel()
+    if total <= max_exact:
+        numerator = _exact_weight_norm(combined.keys, scaled_values, combined.scale, weights)
+        denominator = _exact_weight_norm(combined.keys[:n], scaled_values[:n], combined.scale)
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(settings.seed)
+        numerator = _sampled_weight_norm(
+            combined.keys, scaled_values, head_mhat, combined.scale, n_samples, generator, weights
+        )
+        denominator = _sampled_weight_norm(
+            combined.keys[:n], scaled_values[:n], head_mhat[:n], combined.scale, n_samples, generator
+        )
+    numerator = max(numerator, 0.0)
     return numerator / max(denominator, 1e-300)

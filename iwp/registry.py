@@ -15,3 +15,6 @@ PRUNERS = (
     "iwp_duplication",
     "iwp_fixed",
 )
+
+COMPENSATIONS = ("none", "bias", "merge", "bias+merge")  # mass compensation of the kept tokens (iwp.compensation)
+ASSIGNMENTS = ("global", "chunk")  # where a pruned token looks for the kept token it is counted in

@@ -55,6 +55,11 @@ class RunConfig(BaseModel):
     iwp_chunking: Literal["temporal", "fixed"] = "temporal"
     iwp_head_agg: Literal["mean", "frobenius"] = "mean"
     iwp_layer: int = Field(0, ge=0)
+    compensation: Literal["none", "bias", "merge", "bias+merge"] = Field(
+        "none", description="give kept visual tokens the attention mass of the pruned tokens they stand for: "
+                            "bias = log-count attention bias, merge = size-weighted mean embedding")
+    compensation_assignment: Literal["global", "chunk"] = Field(
+        "global", description="pruned tokens go to the most duplicated kept token of the whole video or of their temporal chunk")
     max_residual: Optional[float] = Field(None, gt=0)
     max_retention: float = Field(1.0, gt=0, le=1)
     seed: int = 0
@@ -111,6 +116,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
         if self.pruner == "none" and self.retention != 1.0:
             raise ValueError("retention < 1 needs a pruner (--pruner iwp, random, ...); pruner 'none' keeps every token")
+        if self.compensation != "none" and self.pruner == "none":
+            raise ValueError("compensation needs a pruner (--pruner iwp, dycoke, ...); pruner 'none' drops nothing")
         if self.max_residual is not None and not self.pruner.startswith("iwp"):
             raise ValueError("max_residual (quality guard) needs an iwp pruner")
         if self.max_retention < self.retention:
@@ -125,7 +132,8 @@ class RunConfig(BaseModel):
         """Hash of everything that changes a row's text: resume skips rows with the same hash."""
         keys = ["model", "model_revision", "task", "prompt", "questions", "num_frames", "fps", "max_frames",
                 "start", "end", "max_pixels", "max_new_tokens", "pruner", "retention", "iwp_lambda",
-                "iwp_temperature", "iwp_floor", "iwp_chunking", "iwp_head_agg", "iwp_layer", "max_residual",
+                "iwp_temperature", "iwp_floor", "iwp_chunking", "iwp_head_agg", "iwp_layer", "compensation",
+                "compensation_assignment", "max_residual",
                 "max_retention", "seed", "dtype"]
         payload = {k: getattr(self, k) for k in keys}
         if self.questions and Path(self.questions).is_file():

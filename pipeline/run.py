@@ -248,6 +248,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if _gpu_count() > 0 else 0.0)
     prune = PruneSpec(method=cfg.pruner, retention=cfg.retention, layer=cfg.iwp_layer, seed=cfg.seed,
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
+                      compensation=cfg.compensation, compensation_assignment=cfg.compensation_assignment,
                       settings=IWPSettings(lam=cfg.iwp_lambda, temperature=cfg.iwp_temperature, floor=cfg.iwp_floor,
                                            chunking=cfg.iwp_chunking, head_agg=cfg.iwp_head_agg, seed=cfg.seed))
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,

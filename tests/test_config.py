@@ -25,6 +25,9 @@ def test_yaml_and_overrides_merge_with_dashes(tmp_path):
     ({"start": 5.0, "end": 2.0}, "config", "must be greater than start"),
     ({"iwp_layer": 3}, "iwp_layer", "only layer 0"),
     ({"pruner": "random", "max_residual": 0.1}, "config", "needs an iwp pruner"),
+    ({"pruner": "iwp", "compensation": "weights"}, "compensation", "'none', 'bias', 'merge' or 'bias+merge'"),
+    ({"compensation": "bias"}, "config", "compensation needs a pruner"),
+    ({"pruner": "iwp", "compensation_assignment": "frame"}, "compensation_assignment", "'global' or 'chunk'"),
 ])
 def test_bad_values_name_the_field_and_reason(overrides, field, reason):
     with pytest.raises(ConfigError) as e:
@@ -48,6 +51,15 @@ def test_labeling_hash_tracks_what_changes_the_text():
     assert a.labeling_hash() == RunConfig(**BASE, batch_size=16, concurrency=3).labeling_hash()
     assert a.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5).labeling_hash()
     assert a.labeling_hash() != RunConfig(**BASE, prompt="What happens?").labeling_hash()
+    iwp = RunConfig(**BASE, pruner="iwp", retention=0.5)
+    assert iwp.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5, compensation="bias").labeling_hash()
+
+
+def test_compensation_is_a_yaml_key_and_a_flag(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("input: a\noutput: b\nmodel: c\npruner: dycoke\nretention: 0.25\ncompensation: bias+merge\n")
+    cfg = load_config(p, compensation_assignment="chunk")
+    assert (cfg.compensation, cfg.compensation_assignment) == ("bias+merge", "chunk")
 
 
 def test_config_iwp_defaults_match_the_library():

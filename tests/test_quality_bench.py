@@ -198,3 +198,27 @@ def test_shipped_model_answers_test_questions():
     assert float(np.mean([r["loglik_correct"] for r in res])) >= 0.8
     summary = json.loads((SHIPPED / "train_summary.json").read_text())
     assert f"{100 * summary['test']['mc_greedy']:.1f}%" in (SHIPPED / "README.md").read_text()
+
+
+def test_paired_bootstrap_and_rank_correlation():
+    """The statistics the decisive comparison rests on, against cases with known answers."""
+    from bench.quality import is_baseline, paired_ci, parse_method, rank_correlation, verdict
+
+    rng = np.random.default_rng(0)
+    a = rng.random(2000) < 0.8
+    b = rng.random(2000) < 0.7
+    diff, lo, hi = paired_ci(a, b, n_boot=1000, seed=0)
+    assert diff == pytest.approx(a.mean() - b.mean())
+    assert lo < diff < hi and lo > 0 and verdict(lo, hi) == "better"  # a 10-point gap on 2000 questions
+    se = np.sqrt(np.var(a.astype(float) - b) / len(a))
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    same = paired_ci(a, a, n_boot=200, seed=0)
+    assert same == (0.0, 0.0, 0.0) and verdict(*same[1:]) == "tied"
+    assert verdict(*paired_ci(b, a, n_boot=500, seed=1)[1:]) == "worse"
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [1, 0, 0, 0]) == pytest.approx(-np.sqrt(0.6))  # ties get average ranks
+    assert rank_correlation([1, 1, 1], [0, 1, 0]) is None
+    assert parse_method("dycoke+bias+merge") == ("dycoke", "bias+merge") and parse_method("iwp") == ("iwp", "none")
+    assert is_baseline("dycoke+bias") and not is_baseline("iwp_fixed+bias") and not is_baseline("none")
+    with pytest.raises(ValueError, match="unknown compensation"):
+        parse_method("iwp+weights")
