@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.attempts import AttemptLedger
 from actors.attention_bias import check_bias_support
 from actors.generation import greedy_generate, stop_and_pad_ids
 from actors.loading import load_model, make_adapter
@@ -39,6 +40,17 @@ def _maybe_crash_for_test(calls: int) -> None:
     os._exit(1)
 
 
+# Test hook: when set, a model actor exits its process (os._exit, like a codec/kernel crash or the OOM
+# killer) whenever a video whose uri contains this substring is in the group it is about to label.
+CRASH_ON_ENV = "FRAMESCRIBE_TEST_CRASH_ON"
+
+
+def _maybe_crash_on(rows: list[dict]) -> None:
+    needle = os.environ.get(CRASH_ON_ENV)
+    if needle and any(needle in r["uri"] for r in rows):
+        os._exit(1)
+
+
 # Benchmark hook: when set to a file path, every model call appends one JSON line (pid, start and end in
 # epoch seconds, rows in and out), so `framescribe bench pipeline` sees when the actor worked and when it waited.
 BATCH_LOG_ENV = "FRAMESCRIBE_BATCH_LOG"
@@ -57,11 +69,12 @@ def _log_batch(started: float, rows_in: int, rows_out: int) -> None:
         pass  # a benchmark aid must never fail a batch
 
 
-ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message",
-              "pruner", "retention", "compensation", "retention_used", "visual_tokens_full", "visual_tokens_kept", "iwp_residual",
+ROW_FIELDS = ("video_id", "uri", "prompt_id", "prompt", "text", "status", "error_type", "error_message", "retryable",
+              "run_attempt", "pruner", "retention", "compensation", "retention_used", "visual_tokens_full",
+              "visual_tokens_kept", "iwp_residual",
               "frames_sampled", "frame_timestamps", "duration_s", "fps", "width", "height", "decode_ms",
-              "vision_ms", "prune_ms", "prefill_ms", "generate_ms", "new_tokens", "kept_token_indices", "token_grid",
-              "reference")
+              "decoder", "vision_ms", "vision_groups", "vision_groups_encoded", "prune_ms", "prefill_ms",
+              "generate_ms", "new_tokens", "kept_token_indices", "token_grid", "reference")
 
 
 def frames_from_row(row: dict) -> np.ndarray:
@@ -79,12 +92,14 @@ def token_grid(video) -> list[int] | None:
 class VideoCaptioner:
     def __init__(self, *, model: str, prune: PruneSpec, max_new_tokens: int = 64, batch_size: int = 4,
                  revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
-                 device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None):
+                 device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None,
+                 attempts_root: str | None = None, attempts_storage_options: dict | None = None,
+                 max_crashes: int = 2, skip_threshold: float | None = None):
         attn = "eager" if prune.query_dependent else None  # FastV reads attention weights
         self.model, self.processor, self.device = load_model(
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
             attn_implementation=attn, storage_options=storage_options)
-        self.adapter = make_adapter(self.model, self.processor)
+        self.adapter = make_adapter(self.model, self.processor, skip_threshold=skip_threshold)
         if uses_bias(prune.compensation):
             check_bias_support(self.model)  # fail at actor start, not per batch
         self.prune = prune
@@ -93,6 +108,9 @@ class VideoCaptioner:
         self.row_defaults = row_defaults or {}
         self.eos_ids, self.pad_id = stop_and_pad_ids(self.processor.tokenizer, self.model.generation_config)
         self._calls = 0
+        # attempts that died, kept in storage (None: no poison isolation, e.g. notebooks and benchmarks)
+        self.ledger = AttemptLedger(attempts_root, attempts_storage_options) if attempts_root else None
+        self.max_crashes = max_crashes
 
     # ---- Ray Data entry point ----
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -104,22 +122,56 @@ class VideoCaptioner:
         good = [r for r in rows if r["status"] == "ok"]
         for r in rows:
             if r["status"] != "ok":
-                out += self._error_rows(r, r["error_type"], r["error_message"])
+                out += self._error_rows(r, r["error_type"], r["error_message"], retryable=r.get("retryable"))
         if good:
-            try:
-                out += self.label_videos(good)
-            except Exception:  # a batch failure must not hide which video broke: retry one by one
-                for r in good:
-                    try:
-                        out += self.label_videos([r])
-                    except Exception as e:
-                        out += self._error_rows(r, "model_error", f"{type(e).__name__}: {e}",
-                                                detail=traceback.format_exc(limit=3))
+            out += self._label_guarded(good)
         table = pa.Table.from_pylist([{k: row.get(k) for k in (*ROW_FIELDS, *self.row_defaults)} for row in out])
         _log_batch(started, len(rows), table.num_rows)
         return table
 
     # ---- the work ----
+    def _label_guarded(self, good: list[dict]) -> list[dict]:
+        """Label `good`, remembering attempts in the ledger: videos in `max_crashes` attempts that killed
+        the process get `model_crash` rows; after any crash the batch goes one video at a time."""
+        if self.ledger is None:
+            _maybe_crash_on(good)
+            return self._label_or_error_rows(good)
+        crashes = self.ledger.crashes([r["video_id"] for r in good])
+        out: list[dict] = []
+        rest = []
+        for r in good:
+            n = crashes.get(r["video_id"], 0)
+            if n >= self.max_crashes:
+                out += self._error_rows(r, "model_crash", f"the model process died in {n} attempts with this "
+                                        f"video in its batch (model_retries={self.max_crashes}); not tried again",
+                                        retryable=False)
+            else:
+                rest.append(r)
+        groups = [[r] for r in rest] if crashes else ([rest] if rest else [])
+        for group in groups:
+            attempt = self.ledger.begin([r["video_id"] for r in group])
+            _maybe_crash_on(group)
+            out += self._label_or_error_rows(group)
+            self.ledger.end(attempt)
+        return out
+
+    def _label_or_error_rows(self, good: list[dict]) -> list[dict]:
+        try:
+            return self.label_videos(good)
+        except Exception:  # a batch failure must not hide which video broke: retry one by one
+            pass
+        out = []
+        for r in good:
+            for attempt in (1, 2):  # a failure that does not repeat was transient
+                try:
+                    out += self.label_videos([r])
+                    break
+                except Exception as e:
+                    if attempt == 2:
+                        out += self._error_rows(r, "model_error", f"{type(e).__name__}: {e} (failed twice)",
+                                                detail=traceback.format_exc(limit=3), retryable=False)
+        return out
+
     def label_videos(self, rows: list[dict]) -> list[dict]:
         frames = [frames_from_row(r) for r in rows]
         timestamps = [list(map(float, r["frame_timestamps"])) for r in rows]
@@ -150,7 +202,9 @@ class VideoCaptioner:
                                      visual_tokens_full=p.n_full, visual_tokens_kept=int(p.keep.numel()),
                                      kept_token_indices=p.keep.tolist(), token_grid=token_grid(enc),
                                      iwp_residual=p.residual, retention_used=p.retention_used,
-                                     vision_ms=vision_ms, prune_ms=p.prune_ms,
+                                     vision_ms=vision_ms, vision_groups=enc.layout.n_chunks,
+                                     vision_groups_encoded=enc.meta.get("groups_encoded", enc.layout.n_chunks),
+                                     prune_ms=p.prune_ms,
                                      prefill_ms=gen.prefill_ms / len(chunk), generate_ms=gen.decode_ms / len(chunk),
                                      new_tokens=gen.new_tokens))
         return out
@@ -161,14 +215,15 @@ class VideoCaptioner:
                 "retention": self.prune.retention, "compensation": self.prune.compensation, "frames_sampled": int(r.get("frames_sampled") or 0),
                 "frame_timestamps": [float(x) for x in (r.get("frame_timestamps") if r.get("frame_timestamps") is not None else [])],
                 "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
-                "height": r.get("height"), "decode_ms": r.get("decode_ms"), "reference": r.get("reference"),
-                **self.row_defaults}
+                "height": r.get("height"), "decode_ms": r.get("decode_ms"), "decoder": r.get("decoder"),
+                "run_attempt": int(r.get("run_attempt") or 1), "reference": r.get("reference"), **self.row_defaults}
 
     def _row(self, r: dict, pid: str, prompt: str, **fields: Any) -> dict:
         return {**self._base(r), "prompt_id": pid, "prompt": prompt, "error_type": None, "error_message": None,
                 **fields}
 
-    def _error_rows(self, r: dict, error_type: str, message: str, detail: str | None = None) -> list[dict]:
+    def _error_rows(self, r: dict, error_type: str, message: str, detail: str | None = None,
+                    retryable: bool | None = False) -> list[dict]:
         return [{**self._base(r), "prompt_id": pid, "prompt": prompt, "text": None, "status": "error",
-                 "error_type": error_type, "error_message": message}
+                 "error_type": error_type, "error_message": message, "retryable": bool(retryable)}
                 for pid, prompt in json.loads(r["prompts"])]

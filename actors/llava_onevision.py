@@ -8,6 +8,7 @@ import torch
 
 from actors.generation import SplicedSequence
 from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds, sequence_key_bias
+from actors.vision_skip import encoded_groups, expand_groups, repeat_sources
 from iwp import TokenLayout
 
 
@@ -19,8 +20,9 @@ MAX_FRAMES_PER_VISION_CALL = 64
 class LlavaOneVisionAdapter(VideoPromptIds):
     arch = "llava_onevision"
 
-    def __init__(self, model, processor, *, original_positions: bool = True):
+    def __init__(self, model, processor, *, original_positions: bool = True, skip_threshold: float | None = None):
         self.model = model
+        self.skip_threshold = skip_threshold  # vision skip of repeated frames; None: encode every frame
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.video_token_id = model.config.video_token_index
@@ -54,13 +56,23 @@ class LlavaOneVisionAdapter(VideoPromptIds):
             calls += [idx[k:k + step] for k in range(0, len(idx), step)]
         for idx in calls:
             pixels = self.preprocess([frames[i] for i in idx]).to(self.model.device, self.model.dtype)
+            # SigLIP attends within one frame: only frames that do not repeat the last encoded one run the tower
+            sources = [repeat_sources(frames[i], 1, self.skip_threshold) for i in idx]
+            sources = [s if len(s) == pixels.shape[1] else list(range(pixels.shape[1])) for s in sources]
+            unique = torch.cat([pixels[j, encoded_groups(s)] for j, s in enumerate(sources)])
             feats = self.model.model.get_video_features(
-                pixels, vision_feature_layer=cfg.vision_feature_layer,
+                unique[None], vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True).pooler_output
+            per_frame_feats = feats[0, :-1].view(unique.shape[0], per_frame, -1)
+            trailing = feats[0, -1:]  # the image newline, the same for every video
+            start = 0
             for j, i in enumerate(idx):
-                n = feats[j].shape[0] - 1
-                layout = TokenLayout(chunk_sizes=(per_frame,) * (n // per_frame), grid_hw=self.grid_hw)
-                videos[i] = EncodedVideo(embeds=feats[j, :-1], layout=layout, trailing=feats[j, -1:])
+                n_enc = len(encoded_groups(sources[j]))
+                embeds = expand_groups(per_frame_feats[start:start + n_enc], sources[j])
+                start += n_enc
+                layout = TokenLayout(chunk_sizes=(per_frame,) * len(sources[j]), grid_hw=self.grid_hw)
+                videos[i] = EncodedVideo(embeds=embeds, layout=layout, trailing=trailing,
+                                         meta={"groups_encoded": n_enc})
         return videos
 
     @torch.inference_mode()

@@ -26,6 +26,10 @@ def fetch_model_dir(uri: str, *, storage_options: dict | None = None) -> Path:
     """Copy an object-store model prefix to a local cache once; atomic rename so concurrent actors agree."""
     import fsspec
 
+    from actors import s3_retry
+
+    s3_retry.install()
+
     dest = model_cache_dir() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     if (dest / "config.json").is_file():
         return dest
@@ -137,15 +141,16 @@ def load_model(ref: str, *, revision: str | None = None, trust_remote_code: bool
     return model.to(dev).eval(), processor, dev
 
 
-def make_adapter(model, processor):
-    """The architecture's seam object (visual tokens out, spliced sequence in)."""
+def make_adapter(model, processor, *, skip_threshold: float | None = None):
+    """The architecture's seam object (visual tokens out, spliced sequence in); `skip_threshold` turns on the
+    vision skip of repeated temporal groups (actors.vision_skip), None encodes every group."""
     model_type = model.config.model_type
     if model_type == "qwen2_5_vl":
         from actors.qwen2_5_vl import Qwen25VLAdapter
 
-        return Qwen25VLAdapter(model, processor)
+        return Qwen25VLAdapter(model, processor, skip_threshold=skip_threshold)
     if model_type == "llava_onevision":
         from actors.llava_onevision import LlavaOneVisionAdapter
 
-        return LlavaOneVisionAdapter(model, processor)
+        return LlavaOneVisionAdapter(model, processor, skip_threshold=skip_threshold)
     raise ModelLoadError(f"model: architecture {model_type!r} is not supported (qwen2_5_vl, llava_onevision)")

@@ -6,14 +6,16 @@ import torch
 
 from actors.generation import SplicedSequence
 from actors.splice import EncodedVideo, PrunedVideo, VideoPromptIds, sequence_key_bias
+from actors.vision_skip import encoded_groups, expand_groups, repeat_sources
 from iwp import TokenLayout
 
 
 class Qwen25VLAdapter(VideoPromptIds):
     arch = "qwen2_5_vl"
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, *, skip_threshold: float | None = None):
         self.model = model
+        self.skip_threshold = skip_threshold  # vision skip of repeated temporal groups; None: encode every group
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.video_token_id = model.config.video_token_id
@@ -38,14 +40,29 @@ class Qwen25VLAdapter(VideoPromptIds):
         device = self.model.device
         pixels = inputs["pixel_values_videos"].to(device)
         grid = inputs["video_grid_thw"].to(device)
-        feats = self.model.model.get_video_features(pixels, grid, return_dict=True).pooler_output
+        thws = grid.tolist()
+        sources = []
+        for f, (t, _, _) in zip(frames, thws):
+            s = repeat_sources(f, self.temporal_patch, self.skip_threshold)
+            sources.append(s if len(s) == t else list(range(t)))  # a frame count the processor changed: no skip
+        # the tower attends within one temporal group (cu_seqlens per grid_t): run only the encoded groups
+        per_video = pixels.split([t * h * w for t, h, w in thws])
+        keep_pixels, keep_grid = [], []
+        for px, (t, h, w), s in zip(per_video, thws, sources):
+            enc = encoded_groups(s)
+            keep_pixels.append(px if len(enc) == t else px.view(t, h * w, -1)[enc].reshape(len(enc) * h * w, -1))
+            keep_grid.append([len(enc), h, w])
+        feats = self.model.model.get_video_features(torch.cat(keep_pixels), torch.tensor(keep_grid, device=device),
+                                                    return_dict=True).pooler_output
         videos = []
-        for emb, thw, ts in zip(feats, grid.tolist(), timestamps):
+        for emb, thw, s, ts in zip(feats, thws, sources, timestamps):
             t, h, w = thw
             hm, wm = h // self.merge, w // self.merge
+            emb = expand_groups(emb.view(-1, hm * wm, emb.shape[-1]), s)
             layout = TokenLayout(chunk_sizes=(hm * wm,) * t, grid_hw=(hm, wm))
             videos.append(EncodedVideo(embeds=emb, layout=layout,
-                                       meta={"grid_thw": thw, "second_per_grid": self._seconds_per_grid(ts)}))
+                                       meta={"grid_thw": thw, "second_per_grid": self._seconds_per_grid(ts),
+                                             "groups_encoded": len(encoded_groups(s))}))
         return videos
 
     def _seconds_per_grid(self, timestamps: list[float]) -> float:

@@ -36,12 +36,13 @@ from actors.generation import sync_device
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.10)
 PROMPT = "Describe this video."
 PRUNE_MODES = ("per_video", "batched")
+CONTENTS = ("moving", "static", "panning")  # synthetic clips: see synthetic_batch
 # columns of the CSV, in order (tests check them)
 CSV_COLUMNS = (
     "arch", "size", "source", "hidden", "layers", "layers_full", "heads", "kv_heads", "intermediate", "vocab",
     "vision_layers", "vision_layers_full", "params_m", "device", "device_name", "dtype", "attn", "threads", "clock",
-    "frames", "resolution", "batch_size", "max_new_tokens", "repeats",
-    "pruner", "retention", "prune_mode", "visual_tokens", "visual_tokens_kept", "seq_len",
+    "frames", "resolution", "batch_size", "max_new_tokens", "repeats", "content",
+    "pruner", "retention", "prune_mode", "vision_skip_threshold", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
     "preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms", "decode_steps",
     "decode_ms_per_token",
     "e2e_ms", "videos_per_s", "peak_mem_mb", "peak_mem_kind", "kv_cache_mb",
@@ -74,9 +75,16 @@ class SpeedConfig:
     clock: str = "wall"                  # "process": CPU time of this process (1 thread), immune to other load
     out: Path = Path("bench-out/speed")
     seed: int = 0
+    content: str = "moving"              # moving | static | panning (see synthetic_batch)
+    vision_skip_threshold: float | None = None  # also run every case with the vision skip at this threshold
 
     def __post_init__(self) -> None:
         from iwp import PRUNERS
+
+        if self.content not in CONTENTS:
+            raise ValueError(f"content: {self.content!r} is not one of {', '.join(CONTENTS)}")
+        if self.vision_skip_threshold is not None and self.vision_skip_threshold < 0:
+            raise ValueError(f"vision_skip_threshold: must be >= 0, got {self.vision_skip_threshold}")
 
         for p in self.pruners:
             if p not in PRUNERS or p == "none":
@@ -108,13 +116,15 @@ class Case:
     pruner: str
     retention: float
     prune_mode: str = "per_video"
+    skip: float | None = None  # vision-skip threshold, None: every group through the tower
 
     @property
     def label(self) -> str:
+        skip = "" if self.skip is None else "+skip"
         if self.pruner == "none":
-            return "none"
+            return "none" + skip
         mode = "" if self.prune_mode == "per_video" else "+batched"
-        return f"{self.pruner}{mode}@{self.retention:g}"
+        return f"{self.pruner}{mode}{skip}@{self.retention:g}"
 
 
 def cases_for(cfg: SpeedConfig) -> list[Case]:
@@ -126,6 +136,8 @@ def cases_for(cfg: SpeedConfig) -> list[Case]:
             if mode == "batched" and pruner not in IWP_VARIANTS:
                 continue  # only PC-MMR has a batched (lockstep) selection
             cases += [Case(pruner, r, mode) for r in cfg.retentions]
+    if cfg.vision_skip_threshold is not None:  # the same cases again with the vision skip on
+        cases += [Case(c.pruner, c.retention, c.prune_mode, cfg.vision_skip_threshold) for c in cases]
     return cases
 
 
@@ -171,11 +183,15 @@ def git_commit() -> str:
         return ""
 
 
-def synthetic_batch(batch_size: int, frames: int, resolution: int, seed: int = 0, fps: float = 2.0):
-    """`batch_size` natural-ish clips (textured background, moving square) and their frame times."""
-    from pipeline.sample_videos import make_moving_shapes
+def synthetic_batch(batch_size: int, frames: int, resolution: int, seed: int = 0, fps: float = 2.0,
+                    content: str = "moving"):
+    """`batch_size` natural-ish clips and their frame times. content: "moving" (textured background, a large
+    square crossing it), "static" (still camera and background, two small moving squares), "panning" (the
+    camera pans every frame)."""
+    from pipeline.sample_videos import make_moving_shapes, make_panning_scene, make_static_scene
 
-    videos = [make_moving_shapes(frames, resolution, resolution, seed=seed + i) for i in range(batch_size)]
+    make = {"moving": make_moving_shapes, "static": make_static_scene, "panning": make_panning_scene}[content]
+    videos = [make(frames, resolution, resolution, seed=seed + i) for i in range(batch_size)]
     timestamps = [[j / fps for j in range(frames)] for _ in range(batch_size)]
     return videos, timestamps
 
@@ -233,6 +249,7 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
     reset_peak(device)
     sync_device(device)
     t0 = clock()
+    adapter.skip_threshold = case.skip
     with torch.inference_mode():
         encoded = adapter.encode(videos, timestamps)
         sync_device(device)
@@ -261,7 +278,8 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
             "peak_mem_mb": peak, "peak_mem_kind": kind,
             "visual_tokens": int(statistics.median(p.n_full for p in pruned)),
             "visual_tokens_kept": int(statistics.median(int(p.keep.numel()) for p in pruned)),
-            "seq_len": seq_len}
+            "seq_len": seq_len, "groups": sum(v.layout.n_chunks for v in encoded),
+            "groups_encoded": sum(v.meta.get("groups_encoded", v.layout.n_chunks) for v in encoded)}
 
 
 def kv_cache_mb(built, batch: int, length: int) -> float:
@@ -295,7 +313,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     """One row per case with medians, ratios vs the unpruned case and full-depth estimates."""
     base_info = {**built.describe(), "source": built.shape.source, "threads": cfg.threads or "", "clock": cfg.clock,
                  "frames": cfg.frames, "resolution": resolution, "batch_size": cfg.batch_size,
-                 "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
+                 "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats, "content": cfg.content,
                  "load_avg": round(os.getloadavg()[0], 2), "commit": git_commit(),
                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if built.device.type == "cpu":
@@ -305,13 +323,15 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     vf, pf, df = _full_depth_factors(built)
     rows = []
     for case, runs in results.items():
-        row = {**base_info, "pruner": case.pruner, "retention": case.retention, "prune_mode": case.prune_mode}
+        row = {**base_info, "pruner": case.pruner, "retention": case.retention, "prune_mode": case.prune_mode,
+               "vision_skip_threshold": "" if case.skip is None else case.skip}
         for k in ("preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms",
                   "decode_ms_per_token",
                   "e2e_ms", "peak_mem_mb"):
             row[k] = round(_median([r[k] for r in runs]), 3)
-        for k in ("decode_steps", "visual_tokens", "visual_tokens_kept", "seq_len"):
+        for k in ("decode_steps", "visual_tokens", "visual_tokens_kept", "seq_len", "groups", "groups_encoded"):
             row[k] = runs[0][k]
+        row["groups_skipped_share"] = round(1 - row["groups_encoded"] / row["groups"], 4)
         row["peak_mem_kind"] = runs[0]["peak_mem_kind"]
         row["videos_per_s"] = round(cfg.batch_size / (row["e2e_ms"] / 1e3), 4)
         row["kv_cache_mb"] = round(kv_cache_mb(built, cfg.batch_size, row["seq_len"] + cfg.max_new_tokens), 2)
@@ -321,7 +341,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
         row["e2e_ms_full_depth_est"] = round(row["preprocess_ms"] + tower * vf + rest + row["prefill_ms"] * pf
                                              + row["decode_ms"] * df, 3)
         rows.append(row)
-    base = next(r for r in rows if r["pruner"] == "none")
+    base = next(r for r in rows if r["pruner"] == "none" and r["vision_skip_threshold"] == "")
     for r in rows:
         r["prefill_speedup"] = round(base["prefill_ms"] / r["prefill_ms"], 3)
         r["prune_overhead_pct"] = round(100 * r["prune_ms"] / base["prefill_ms"], 3)
@@ -358,7 +378,7 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
         f"layers, {built.vision_layers}/{shape.vision.depth} vision blocks) on {device} {dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     adapter = make_adapter(built.model, built.processor)
-    videos, timestamps = synthetic_batch(cfg.batch_size, cfg.frames, resolution, seed=cfg.seed)
+    videos, timestamps = synthetic_batch(cfg.batch_size, cfg.frames, resolution, seed=cfg.seed, content=cfg.content)
     cases = cases_for(cfg)
     clock = time.process_time if cfg.clock == "process" else time.perf_counter
     for w in range(cfg.warmup):  # first calls allocate, pick kernels, fill caches: not measured
@@ -373,12 +393,21 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
         log(f"repeat {rep + 1}/{cfg.repeats} done")
     rows = summarize(built, cfg, results, resolution)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed_{cfg.arch}_{cfg.size}_L{built.layers}_f{cfg.frames}_b{cfg.batch_size}_{device.type}"
+    content = "" if cfg.content == "moving" else f"_{cfg.content}"
+    stem = f"speed_{cfg.arch}_{cfg.size}_L{built.layers}_f{cfg.frames}_b{cfg.batch_size}{content}_{device.type}"
     csv_path = cfg.out / f"{stem}.csv"
     write_csv(rows, csv_path)
     png_path = cfg.out / f"{stem}.png"
-    plot_speed(rows, png_path)
+    try:
+        plot_speed(rows, png_path)
+    except ImportError:  # the GPU suite's machine may have no matplotlib: the CSV is the result
+        log("matplotlib missing: no PNG written")
     return rows, csv_path, png_path
+
+
+def row_case(r: dict) -> Case:
+    skip = r.get("vision_skip_threshold", "")
+    return Case(r["pruner"], r["retention"], r["prune_mode"], None if skip in ("", None) else float(skip))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -394,7 +423,7 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [Case(r["pruner"], r["retention"], r["prune_mode"]).label for r in rows]
+    labels = [row_case(r).label for r in rows]
     parts = [("vision_ms", "vision"), ("prune_ms", "prune"), ("splice_ms", "splice"), ("prefill_ms", "prefill"),
              ("decode_ms", "decode")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -410,10 +439,10 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     series: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["pruner"] != "none":
-            series.setdefault((r["pruner"], r["prune_mode"]), []).append(r)
-    for (pruner, mode), rs in series.items():
+            series.setdefault((r["pruner"], r["prune_mode"], r["vision_skip_threshold"]), []).append(r)
+    for (pruner, mode, skip), rs in series.items():
         rs = sorted(rs, key=lambda r: r["retention"])
-        name = pruner if mode == "per_video" else f"{pruner} (batched)"
+        name = (pruner if mode == "per_video" else f"{pruner} (batched)") + ("" if skip == "" else " +skip")
         ax2.plot([r["retention"] for r in rs], [r["prefill_speedup"] for r in rs], "o-", label=f"{name}: prefill")
         ax2.plot([r["retention"] for r in rs], [r["e2e_speedup"] for r in rs], "s--", label=f"{name}: end-to-end")
     ax2.axhline(1.0, color="grey", lw=0.8)
@@ -436,7 +465,7 @@ def print_speed(rows: list[dict], console=None) -> None:
                     f"vision blocks {r0['vision_layers']}/{r0['vision_layers_full']}, {r0['frames']} frames × "
                     f"{r0['batch_size']} videos, {r0['device']} {r0['dtype']} "
                     f"(medians of {r0['repeats']}; ms per batch)")
-    cols = ["case", "tokens", "vision (preproc.)", "prune", "prefill", "dec/tok", "e2e", "videos/s", "peak MB",
+    cols = ["case", "tokens", "groups enc.", "vision (preproc.)", "prune", "prefill", "dec/tok", "e2e", "videos/s", "peak MB",
             "prefill ×", "prune % of prefill", "e2e ×"]
     est = any(r["layers"] != r["layers_full"] or r["vision_layers"] != r["vision_layers_full"] for r in rows)
     if est:
@@ -444,8 +473,8 @@ def print_speed(rows: list[dict], console=None) -> None:
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
-        cells = [Case(r["pruner"], r["retention"], r["prune_mode"]).label,
-                 f"{r['visual_tokens_kept']}/{r['visual_tokens']}",
+        cells = [row_case(r).label,
+                 f"{r['visual_tokens_kept']}/{r['visual_tokens']}", f"{r['groups_encoded']}/{r['groups']}",
                  f"{r['vision_ms']:.1f} ({r['preprocess_ms']:.0f})", f"{r['prune_ms']:.1f}", f"{r['prefill_ms']:.1f}",
                  f"{r['decode_ms_per_token']:.1f}", f"{r['e2e_ms']:.0f}", f"{r['videos_per_s']:.3f}",
                  f"{r['peak_mem_mb']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['prune_overhead_pct']:.1f}",
@@ -491,6 +520,11 @@ def command(
                                            "steady on a machine shared with other work)"),
     out: Path = typer.Option(Path("bench-out/speed"), help="directory for the CSV and PNG"),
     seed: int = typer.Option(0),
+    content: str = typer.Option("moving", help="synthetic clips: moving (a large square crosses a still "
+                                "background) | static (still camera, two small moving objects) | panning "
+                                "(the camera moves every frame)"),
+    vision_skip: Optional[float] = typer.Option(None, help="also run every case with the vision skip at this "
+                                                "threshold (e.g. 1.0, the run default); rows show groups encoded"),
 ):
     """Prefill / pruning / decode / end-to-end speed of pruned vs unpruned captioning, one model shape."""
     from rich.console import Console
@@ -501,7 +535,7 @@ def command(
                           batch_size=batch_size, retentions=_floats(retentions), pruners=_names(pruners),
                           prune_modes=_names(prune_modes), max_new_tokens=max_new_tokens, repeats=repeats,
                           warmup=warmup, layers=layers, vision_layers=vision_layers, threads=threads, attn=attn,
-                          clock=clock, out=out, seed=seed)
+                          clock=clock, out=out, seed=seed, content=content, vision_skip_threshold=vision_skip)
         from actors.model_shapes import get_shape
 
         get_shape(arch, size)

@@ -5,6 +5,14 @@ score(j) = λ·m̂_j − (1 − λ)·max_{i∈S} dup(i, j)   (penalty 0 while S 
 `select_tokens_mmr_exact` is the naive dense oracle; `select_tokens_pcmmr[_batch]` is the fast
 progressive chunked version: one duplication row per pick updates a running max-similarity
 vector, so the N×N matrix is never built and earlier chunks' picks suppress later duplicates.
+
+The row is computed in matrix form (form="matrix", the default): squared key distances from one
+matrix product with centred keys, ‖k_i‖² + ‖k_j‖² − 2 k_i·k_j, and value cosines from the same
+product, so a step's temporaries are (B, H, N) instead of (B, N, H, d). Exact copies of the picked
+token (same keys and values bit for bit, e.g. the reused embeddings of a skipped vision group) get the
+picked token's own duplication, exactly as the elementwise form (form="elementwise", the reference)
+gives them. Elsewhere the two forms differ by float rounding (~1e-6), so picks differ only where two
+candidates' scores tie to within that rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from .settings import IWPSettings
 ANY_CHUNK = -1  # schedule entry: the pick may come from any chunk
 NO_PICK = -2  # schedule entry: this video is done (batch padding)
 PAD_TOKEN = -3  # chunk id of batch padding tokens
+DUP_FORMS = ("matrix", "elementwise")
 
 
 def normalized_magnitude(log_m: torch.Tensor, settings: IWPSettings) -> torch.Tensor:
@@ -122,10 +131,67 @@ def _picked_rows(feats: TokenFeatures, pick: torch.Tensor) -> TokenFeatures:
     )
 
 
+def content_ids(*parts: torch.Tensor | None) -> torch.Tensor:
+    """Per token of one video, an id shared exactly by the tokens whose parts (N, ...) are all equal bit for bit."""
+    n = parts[0].shape[0]
+    flat = torch.cat([p.reshape(n, -1) for p in parts if p is not None], dim=1)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=keys.device)
+    return torch.unique(flat, dim=0, return_inverse=True)[1]
+
+
+class _MatrixRows:
+    """Duplication rows of picked tokens against all tokens from matrix products (no (B, N, H, d) temporaries)."""
+
+    def __init__(self, feats: TokenFeatures, valid: torch.Tensor, ids: torch.Tensor):
+        keys = feats.keys.transpose(1, 2)  # (B, H, N, dk)
+        mask = valid[:, None, :, None].to(keys.dtype)
+        count = mask.sum(2, keepdim=True).clamp_min(1.0)
+        keys = (keys - (keys * mask).sum(2, keepdim=True) / count) * mask  # centred: distances are shift-invariant
+        self.dk = keys.shape[-1]
+        # (B, H, dk + dv, N): tokens along the last axis, so a step is one (2, d) × (d, N) product per head
+        self.stacked = torch.cat([keys, feats.unit_values.transpose(1, 2)], dim=-1).transpose(2, 3).contiguous()
+        self.sq_norm = keys.square().sum(-1)  # (B, H, N)
+        self.neg_inv_2s = -0.5 / feats.scale
+        self.weights = None if feats.head_weights is None else feats.head_weights.transpose(1, 2)  # (B, H, N)
+        self.feats = feats
+        self.ids = ids
+        batch, heads, width, _ = self.stacked.shape
+        self.rows = torch.arange(batch, device=keys.device)
+        self.query = self.stacked.new_zeros((batch, heads, 2, width))  # block rows [k_p, 0] and [0, u_p]
+
+    def __call__(self, pick: torch.Tensor) -> torch.Tensor:
+        picked = self.stacked[self.rows, :, :, pick]  # (B, H, dk + dv)
+        self.query[:, :, 0, : self.dk] = picked[..., : self.dk]
+        self.query[:, :, 1, self.dk :] = picked[..., self.dk :]
+        prod = torch.matmul(self.query, self.stacked)  # (B, H, 2, N): k_p·k_j and u_p·u_j
+        sq_norm_p = self.sq_norm[self.rows, :, pick].unsqueeze(-1)
+        sq_dist = (self.sq_norm + sq_norm_p - 2.0 * prod[:, :, 0]).clamp_min(0.0)
+        per_head = prod[:, :, 1] * torch.exp(sq_dist * self.neg_inv_2s)
+        if self.weights is None:
+            row = per_head.mean(1)
+        else:
+            row = (self.weights * self.weights[self.rows, :, pick].unsqueeze(-1) * per_head).sum(1)
+        # Exact copies of the pick get the pick's own duplication, computed as the elementwise form does.
+        own = _picked_rows(self.feats, pick)
+        self_dup = pair_duplication(own, own)  # (B, 1)
+        same = self.ids == self.ids[self.rows, pick].unsqueeze(1)
+        return torch.where(same, self_dup, row)
+
+
 def _greedy_lockstep(
-    feats: TokenFeatures, mhat: torch.Tensor, groups: torch.Tensor, schedule: torch.Tensor, settings: IWPSettings
+    feats: TokenFeatures,
+    mhat: torch.Tensor,
+    groups: torch.Tensor,
+    schedule: torch.Tensor,
+    settings: IWPSettings,
+    ids: torch.Tensor,
+    form: str = "matrix",
 ) -> torch.Tensor:
-    """Run the greedy picks of B videos side by side; returns picks (B, steps) in pick order."""
+    """Run the greedy picks of B videos side by side; returns picks (B, steps) in pick order.
+
+    No host synchronisation inside the loop: every step's tensors stay on the device.
+    """
     batch, n = mhat.shape
     device = mhat.device
     rows = torch.arange(batch, device=device)
@@ -134,6 +200,10 @@ def _greedy_lockstep(
     max_dup = torch.zeros((batch, n), dtype=torch.float32, device=device)  # penalty is 0 while S is empty
     picks = torch.zeros(schedule.shape, dtype=torch.long, device=device)
     needs_dup = settings.score != "magnitude"  # the magnitude ablation never looks at duplication
+    if needs_dup and form == "matrix":
+        dup_row = _MatrixRows(feats, valid, ids)
+    else:
+        dup_row = lambda pick: pair_duplication(_picked_rows(feats, pick), feats)  # noqa: E731 (B, N, H, d) temps
     for step in range(schedule.shape[1]):
         want = schedule[:, step]
         active = want != NO_PICK
@@ -143,7 +213,7 @@ def _greedy_lockstep(
         picks[:, step] = pick
         taken[rows, pick] |= active
         if needs_dup:
-            row = pair_duplication(_picked_rows(feats, pick), feats)  # (B, N): one row per pick
+            row = dup_row(pick)  # (B, N): one row per pick
             updated = row if step == 0 else torch.maximum(max_dup, row)
             max_dup = torch.where(active.unsqueeze(1), updated, max_dup)
     return picks
@@ -162,21 +232,27 @@ def select_tokens_pcmmr_batch(
     layouts: Sequence[TokenLayout],
     budgets: Sequence[int],
     settings: IWPSettings = IWPSettings(),
+    *,
+    form: str = "matrix",
 ) -> list[torch.Tensor]:
     """PC-MMR for several videos at once, picks in lockstep on a padded (B, N) tensor.
 
-    Returns, per video, the sorted kept indices (length == its budget).
+    Returns, per video, the sorted kept indices (length == its budget). `form` picks how a duplication
+    row is computed: "matrix" (default, see the module docstring) or "elementwise" (the reference).
     """
+    if form not in DUP_FORMS:
+        raise ValueError(f"form must be one of {DUP_FORMS}, got {form!r}")
     if not (len(keys_list) == len(values_list) == len(layouts) == len(budgets)):
         raise ValueError("keys_list, values_list, layouts and budgets must have the same length")
     if not keys_list:
         return []
     device = keys_list[0].device
-    features, mhats, group_rows, schedules = [], [], [], []
+    features, mhats, group_rows, schedules, id_rows = [], [], [], [], []
     for keys, values, layout, budget in zip(keys_list, values_list, layouts, budgets):
         _check_inputs(keys, values, layout)
         f = token_features(keys, values, settings)
         features.append(f)
+        id_rows.append(content_ids(f.keys, f.unit_values, f.head_weights) if form == "matrix" else None)
         mhats.append(normalized_magnitude(f.log_magnitude, settings))
         groups, schedule = pick_schedule(layout, int(budget), settings)
         group_rows.append(groups)
@@ -188,11 +264,14 @@ def select_tokens_pcmmr_batch(
     mhat = torch.zeros((batch, n_max), dtype=torch.float32, device=device)
     groups = torch.full((batch, n_max), PAD_TOKEN, dtype=torch.long)
     schedule = torch.full((batch, steps), NO_PICK, dtype=torch.long)
+    ids = torch.full((batch, n_max), -1, dtype=torch.long, device=device)  # pads: never picked, id −1
     for b in range(batch):
+        if id_rows[b] is not None:
+            ids[b, : id_rows[b].shape[0]] = id_rows[b]
         mhat[b, : mhats[b].shape[0]] = mhats[b]
         groups[b, : group_rows[b].shape[0]] = group_rows[b]
         schedule[b, : len(schedules[b])] = torch.tensor(schedules[b], dtype=torch.long)
-    picks = _greedy_lockstep(feats, mhat, groups.to(device), schedule.to(device), settings)
+    picks = _greedy_lockstep(feats, mhat, groups.to(device), schedule.to(device), settings, ids, form)
     return [torch.sort(picks[b, : len(schedules[b])]).values for b in range(batch)]
 
 
@@ -202,9 +281,11 @@ def select_tokens_pcmmr(
     layout: TokenLayout,
     budget: int,
     settings: IWPSettings = IWPSettings(),
+    *,
+    form: str = "matrix",
 ) -> torch.Tensor:
     """Progressive chunked MMR for one video: sorted unique kept indices, exactly `budget` of them."""
-    return select_tokens_pcmmr_batch([keys], [values], [layout], [budget], settings)[0]
+    return select_tokens_pcmmr_batch([keys], [values], [layout], [budget], settings, form=form)[0]
 
 
 def select_tokens_mmr_exact(

@@ -104,7 +104,7 @@ def run_under_lease(cfg: RunConfig, lease) -> tuple[int, dict]:
     record = {"started_at": started, "labeling_hash": cfg.labeling_hash(), "owner": lease.owner}
     code, summary = 0, None
     try:
-        summary = run_pipeline(cfg, lease=lease)
+        summary = run_pipeline(cfg, lease=lease, empty_ok=True)  # no videos yet is nothing to do, not an error
     except ConfigError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         code, record["status"], record["error"] = EXIT_CONFIG, "config_error", str(e)
@@ -129,7 +129,7 @@ def run_under_lease(cfg: RunConfig, lease) -> tuple[int, dict]:
 incremental.__signature__ = inspect.Signature(
     [p for n, p in inspect.signature(incremental).parameters.items() if n != "values"] + config_params())
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
 app.command()(incremental)
 
 

@@ -2,9 +2,12 @@
 Python API can never drift apart."""
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import os
+import signal
+import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -18,36 +21,87 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS,
                   help="Label video corpora with vision-language models on Ray Data (IWP token pruning).")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (greppable)
 
-EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO = 2, 1, 3
+EXIT_CONFIG, EXIT_FAILED, EXIT_ERROR_RATIO, EXIT_INTERRUPTED = 2, 1, 3, 130
 EXIT_LEASE_HELD = 4  # another run holds the output's lease (one writer per output; --wait-lease waits)
 
 
-def _flag_type(annotation):
-    """CLI type for a pydantic field annotation (Optional[X] → X, Literal → str; pydantic validates later)."""
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """The allowed values of a RunConfig field (a Literal, or `choices` in its schema extra), else None."""
+    field = RunConfig.model_fields[name]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "choices" in extra:
+        return tuple(extra["choices"])
+    annotation = field.annotation
+    if typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return tuple(typing.get_args(annotation)) if typing.get_origin(annotation) is Literal else None
+
+
+def field_default(name: str) -> str:
+    """A RunConfig field's default as help shows it."""
+    field = RunConfig.model_fields[name]
+    if field.is_required():
+        return "required"
+    return "none" if field.default is None else str(field.default).lower() if isinstance(field.default, bool) \
+        else str(field.default)
+
+
+def options_table() -> str:
+    """The README's options table, generated from RunConfig (tests/test_folder_safety.py checks the README
+    holds exactly this; regenerate with `python -c "from pipeline.cli import options_table; print(options_table())"`)."""
+    lines = ["| flag / YAML key | default | meaning |", "|---|---|---|"]
+    for name, field in RunConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = field_choices(name)
+        meaning = (field.description or "").replace("|", "\\|")
+        if choices:
+            meaning += f"; one of {', '.join(f'`{c}`' for c in choices)}"
+        lines.append(f"| `{flag}` | {field_default(name)} | {meaning} |")
+    return "\n".join(lines)
+
+
+def _flag_type(name: str, annotation):
+    """CLI type for a pydantic field (Optional[X] → X; choices → an Enum so help lists them; pydantic validates)."""
+    choices = field_choices(name)
+    if choices:
+        return enum.Enum(name, {c: c for c in choices}, type=str)
     origin = typing.get_origin(annotation)
     if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-        origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return str
     return annotation
 
 
 def config_params() -> list[inspect.Parameter]:
+    """One keyword-only CLI option per RunConfig field: its description, default and choices come from the
+    field, so help cannot drift from the config (flags left out stay None: the YAML value or default applies)."""
     params = []
     for name, field in RunConfig.model_fields.items():
-        ftype = _flag_type(field.annotation)
+        ftype = _flag_type(name, field.annotation)
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if ftype is bool else [flag]
-        default = "required unless in --config" if field.is_required() else field.default
-        help_ = (field.description or "") + f" [default: {default}]"
         params.append(inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[ftype],
-            default=typer.Option(None, *decls, help=help_, show_default=False)))
+            default=typer.Option(None, *decls, help=field.description or "", show_default=field_default(name),
+                                 case_sensitive=False)))
     return params
 
 
@@ -70,6 +124,10 @@ def print_summary(summary) -> None:
         rows.insert(2, ("errors by type", ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_types.items()))))
     if getattr(summary, "duplicates_removed", 0):
         rows.insert(-2, ("duplicates removed", f"{summary.duplicates_removed} (one row per video × prompt kept)"))
+    if getattr(summary, "other_configs", None):
+        rows.insert(-2, ("other labeling configs", f"{sum(summary.other_configs.values())} rows of "
+                         f"{len(summary.other_configs)} other config(s) in this output; this run's labeling_hash "
+                         f"is {summary.labeling_hash} (filter on it to read one config)"))
     if summary.rows == 0 and summary.videos_total and summary.videos_skipped == summary.videos_total:
         rows.insert(1, ("nothing to do", "every (video, prompt) is already labeled with this config; "
                                          "--retry-errors redoes error rows, --overwrite starts over"))
@@ -112,6 +170,17 @@ def execute(cfg: RunConfig) -> int:
         if cfg.dry_run:
             print_plan(cfg, summary)
             return 0
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ctrl-C, or SIGTERM (ray.init turns it into SystemExit(15); before that the handler in main does)
+        if isinstance(e, SystemExit) and e.code not in (signal.SIGTERM, signal.SIGINT):
+            raise
+        console.print("[red]interrupted:[/red] the run stopped; committed parts are kept and a re-run resumes "
+                      "from them")
+        _shutdown_ray()
+        # exit now: after a signal, Ray's core worker can abort (SIGABRT) in the interpreter's teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return EXIT_CONFIG
@@ -146,14 +215,19 @@ app.command("run")(run)
 
 
 @app.command("tiny-model")
-def tiny_model(out_dir: Path = typer.Argument(..., help="directory to write the model to"),
+def tiny_model(out_dir: Path = typer.Argument(..., help="directory to write the model to (new or empty)"),
                arch: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl | llava_onevision"),
-               seed: int = typer.Option(0)):
+               seed: int = typer.Option(0, help="seed of the random weights"),
+               force: bool = typer.Option(False, "--force", help="write into a folder that is not empty")):
     """Write a random-weight tiny model of a real architecture (offline tokenizer + processor)."""
     from actors.tiny_model import ARCHS, make_tiny_model
 
     if arch not in ARCHS:
         console.print(f"[red]error:[/red] arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise typer.Exit(EXIT_CONFIG)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        console.print(f"[red]error:[/red] out_dir: {str(out_dir)!r} is not an empty folder; "
+                      f"pass --force to write the model files into it")
         raise typer.Exit(EXIT_CONFIG)
     path = make_tiny_model(out_dir, arch, seed=seed)
     console.print(f"wrote {arch} tiny model to {path}")
@@ -283,8 +357,23 @@ bench_app = typer.Typer(cls=_LazyBenchGroup, add_completion=False, no_args_is_he
 app.add_typer(bench_app, name="bench")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        print(f"framescribe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print the version and exit")):
+    """Label video corpora with vision-language models on Ray Data (IWP token pruning)."""
+
+
 def main() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops a run like Ctrl-C, at any stage
     app()
 
 

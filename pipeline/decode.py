@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from actors import s3_retry
 from pipeline.decode_pool import ChildDied, ChildPool, ChildTimeout, ChildUnavailable
 
 ERROR_TYPES = ("not_found", "empty_file", "not_a_video", "no_video_stream", "corrupt", "decode_timeout",
@@ -118,6 +119,7 @@ class DecodedVideo:
     n_frames_total: int
     decode_ms: float
     indices: list[int] = field(default_factory=list)  # frame index of each sampled frame
+    decoder: str = "decord"     # which decoder produced the frames (see DECODERS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,6 +337,14 @@ def _read_head(fs, path: str, data: bytes | None, n: int = 512) -> bytes:
         return b""
 
 
+def _read_local_head(path: str, n: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def _short(exc: BaseException, limit: int = 200) -> str:
     """decord's C++ messages without the "[12:00:00] /project/src/...cc:92: " location prefixes."""
     text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", str(exc)).strip()
@@ -356,6 +366,118 @@ def _classify_open_error(uri: str, exc: BaseException, head: bytes) -> DecodeErr
     return DecodeError("not_a_video", f"{uri}: not a video file FFmpeg can read")
 
 
+# Decoders tried in this order; the next one runs only when the previous one called the file corrupt or
+# not a video (decord2 3.4 fails on some valid small h264 sizes, e.g. 32x32, 48x48, 96x64).
+DECODERS = ("decord", "pyav")
+_FALLBACK_ON = ("corrupt", "not_a_video")
+
+
+@dataclass
+class _Frames:
+    """What one decoder produced: the unique sampled frames and the per-frame timing of the whole video."""
+    batch: np.ndarray       # (len(unique), H, W, 3) uint8, displayed orientation
+    unique: list[int]
+    indices: list[int]
+    starts: np.ndarray
+    ends: np.ndarray
+    fps: float
+    n: int
+
+
+def _sample(uri: str, n: int, avg_fps: float, ts, spec: SamplingSpec):
+    try:
+        indices = sample_frame_indices(n, avg_fps, spec, ts)
+    except DecodeError as e:  # add the file name
+        raise DecodeError(e.error_type, f"{uri}: {e.message}") from None
+    starts, ends, fps = _frame_intervals(n, avg_fps, ts)
+    return indices, starts, ends, fps
+
+
+def _decode_decord(uri: str, src, spec: SamplingSpec, head: bytes) -> _Frames:
+    """decord2: `src` is a local path or a file-like object (decord2 reads it into memory)."""
+    decord = decord_module()
+    try:
+        vr = decord.VideoReader(src, ctx=decord.cpu(0))
+    except (PermissionError, ConnectionError, TimeoutError) as e:
+        raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # decord raises RuntimeError / DECORDError / AssertionError
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _classify_open_error(uri, e, head) from None
+    try:
+        n = len(vr)
+        avg_fps = float(vr.get_avg_fps())
+        try:
+            ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)
+        except Exception:
+            ts = None
+        indices, starts, ends, fps = _sample(uri, n, avg_fps, ts, spec)
+        unique = sorted(set(indices))
+        batch = vr.get_batch(unique).asnumpy()
+    except DecodeError:
+        raise
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise DecodeError("corrupt", f"{uri}: decoding frames failed (truncated or damaged stream?): "
+                                     f"{_short(e)}") from None
+    finally:
+        del vr
+    if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[3] != 3:
+        raise DecodeError("corrupt", f"{uri}: decoder returned {batch.shape} for {len(unique)} frames")
+    return _Frames(batch, unique, indices, starts, ends, fps, n)
+
+
+def _decode_pyav(uri: str, src, spec: SamplingSpec, head: bytes) -> _Frames:
+    """PyAV (FFmpeg): timing from the demuxed packets (no decoding), then one decode pass that keeps only
+    the sampled frames, turned by the stream's display rotation like decord2 does."""
+    import av
+
+    try:
+        container = av.open(src, mode="r")
+    except (PermissionError, ConnectionError, TimeoutError) as e:
+        raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise _classify_open_error(uri, e, head) from None
+    try:
+        if not container.streams.video:
+            raise DecodeError("no_video_stream", f"{uri}: the file has no video stream (audio only?)")
+        stream = container.streams.video[0]
+        try:
+            times = sorted((p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None)
+            if not times:
+                raise DecodeError("corrupt", f"{uri}: the video stream has no frames")
+            tb = float(stream.time_base)
+            ts = np.array([[pts * tb, (pts + dur) * tb] for pts, dur in times], dtype=np.float64)
+            avg_fps = float(stream.average_rate) if stream.average_rate else float("nan")
+            indices, starts, ends, fps = _sample(uri, len(times), avg_fps, ts, spec)
+            unique = sorted(set(indices))
+            wanted, got = set(unique), {}
+            container.seek(0)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    arr = frame.to_ndarray(format="rgb24")
+                    rot = int(getattr(frame, "rotation", 0) or 0)  # counter-clockwise degrees
+                    got[i] = np.rot90(arr, k=rot // 90) if rot % 360 else arr
+                    if len(got) == len(wanted):
+                        break
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError("corrupt", f"{uri}: decoding frames failed (truncated or damaged stream?): "
+                                         f"{_short(e)}") from None
+        if len(got) != len(unique):
+            raise DecodeError("corrupt", f"{uri}: the stream ended after {i + 1 if times else 0} of "
+                                         f"{len(times)} frames")
+        return _Frames(np.stack([np.ascontiguousarray(got[i]) for i in unique]), unique, indices, starts, ends,
+                       fps, len(times))
+    finally:
+        container.close()
+
+
+_DECODE_FNS = {"decord": _decode_decord, "pyav": _decode_pyav}
+
+
 def _storage_call(uri: str, what: str, fn, *args):
     """fn(*args) on the storage: a missing object is `not_found`, anything else a `read_error`."""
     try:
@@ -366,7 +488,8 @@ def _storage_call(uri: str, what: str, fn, *args):
         raise DecodeError("read_error", f"{uri}: {what}{type(e).__name__}: {e}") from None
 
 
-def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: bytes | None = None) -> DecodedVideo:
+def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: bytes | None = None,
+                       decoders: tuple[str, ...] = DECODERS) -> DecodedVideo:
     t0 = time.perf_counter()
     fs = path = None
     if data is None:
@@ -391,58 +514,50 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
         except (PermissionError, ConnectionError, TimeoutError) as e:
             raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
 
-    decord = decord_module()
     tmp_path = None
     try:
-        # Open the byte stream: local files by path (FFmpeg reads only the parts it needs); other
-        # filesystems through a file-like object, which decord2 reads fully into memory, or, above
-        # IN_MEMORY_MAX_BYTES, through a temporary file that is removed below.
-        try:
-            if data is not None:
-                vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
-            elif _is_local(fs):
-                vr = decord.VideoReader(path, ctx=decord.cpu(0))
-            elif size is not None and size <= IN_MEMORY_MAX_BYTES:
-                with fs.open(path, "rb") as f:
-                    vr = decord.VideoReader(f, ctx=decord.cpu(0))
-            else:
+        # The byte stream: local files by path (FFmpeg reads only the parts it needs); other filesystems
+        # through a file-like object, or, above IN_MEMORY_MAX_BYTES, a temporary file removed below.
+        if data is None and not _is_local(fs) and (size is None or size > IN_MEMORY_MAX_BYTES):
+            def copy_to_tmp():
+                nonlocal tmp_path
                 suffix = os.path.splitext(path)[1][:16]
                 with fs.open(path, "rb") as src, tempfile.NamedTemporaryFile(
                         prefix="framescribe-", suffix=suffix, delete=False) as dst:
                     tmp_path = dst.name
                     shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
-                vr = decord.VideoReader(tmp_path, ctx=decord.cpu(0))
-        except DecodeError:
-            raise
-        except FileNotFoundError:
-            raise DecodeError("not_found", f"{uri}: no such file") from None
-        except (PermissionError, ConnectionError, TimeoutError) as e:
-            raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
-        except BaseException as e:  # decord raises RuntimeError / DECORDError / AssertionError
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise _classify_open_error(uri, e, _read_head(fs, path, data)) from None
 
-        try:
-            n = len(vr)
-            avg_fps = float(vr.get_avg_fps())
+            _storage_call(uri, "", copy_to_tmp)
+        head = None
+        first_error: DecodeError | None = None
+        for name in decoders:
             try:
-                ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)
-            except Exception:
-                ts = None
-            indices = sample_frame_indices(n, avg_fps, spec, ts)
-            starts, ends, fps = _frame_intervals(n, avg_fps, ts)
-            unique = sorted(set(indices))
-            batch = vr.get_batch(unique).asnumpy()
-        except DecodeError as e:  # from sampling: add the file name
-            raise DecodeError(e.error_type, f"{uri}: {e.message}") from None
-        except BaseException as e:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise DecodeError("corrupt", f"{uri}: decoding frames failed (truncated or damaged stream?): "
-                                         f"{_short(e)}") from None
-        finally:
-            del vr
+                if data is not None:
+                    got = _DECODE_FNS[name](uri, io.BytesIO(data), spec, bytes(data[:512]))
+                elif tmp_path is not None or _is_local(fs):
+                    local = tmp_path or path
+                    head = head if head is not None else _read_local_head(local)
+                    got = _DECODE_FNS[name](uri, local, spec, head)
+                else:
+                    head = head if head is not None else _read_head(fs, path, None)
+                    with fs.open(path, "rb") as f:
+                        got = _DECODE_FNS[name](uri, f, spec, head)
+            except FileNotFoundError:
+                raise DecodeError("not_found", f"{uri}: no such file") from None
+            except DecodeError as e:
+                if e.error_type not in _FALLBACK_ON:
+                    raise
+                first_error = first_error or e
+                continue
+            except (PermissionError, ConnectionError, TimeoutError) as e:
+                raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
+            break
+        else:  # every decoder failed: the first one's reason (decord's classification) stands
+            assert first_error is not None
+            if len(decoders) > 1:
+                first_error = DecodeError(first_error.error_type,
+                                          f"{first_error.message} (also failed with {', '.join(decoders[1:])})")
+            raise first_error
     finally:
         if tmp_path is not None:
             try:
@@ -450,26 +565,30 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
             except OSError:
                 pass
 
-    if batch.ndim != 4 or batch.shape[0] != len(unique):
-        raise DecodeError("corrupt", f"{uri}: decoder returned {batch.shape} for {len(unique)} frames")
+    batch = got.batch
     height, width = int(batch.shape[1]), int(batch.shape[2])
     try:
         small = resize_to_budget(batch, spec.max_pixels)
     except MemoryError as e:
         raise DecodeError("read_error", f"{uri}: out of memory while resizing: {e}") from None
-    pos = {i: k for k, i in enumerate(unique)}
-    frames = np.ascontiguousarray(small[[pos[i] for i in indices]])
-    return DecodedVideo(frames=frames, timestamps=[round(float(starts[i]), 6) for i in indices],
-                        duration_s=float(ends[-1]), fps=float(fps), width=width, height=height,
-                        n_frames_total=int(n), decode_ms=(time.perf_counter() - t0) * 1000.0,
-                        indices=list(indices))
+    pos = {i: k for k, i in enumerate(got.unique)}
+    frames = np.ascontiguousarray(small[[pos[i] for i in got.indices]])
+    return DecodedVideo(frames=frames, timestamps=[round(float(got.starts[i]), 6) for i in got.indices],
+                        duration_s=float(got.ends[-1]), fps=float(got.fps), width=width, height=height,
+                        n_frames_total=int(got.n), decode_ms=(time.perf_counter() - t0) * 1000.0,
+                        indices=list(got.indices), decoder=name)
 
 
 # ----------------------------------------------------------------------------------------------------
 # decode in a child process (timeout / crash protection): pipeline.decode_pool runs it
 # ----------------------------------------------------------------------------------------------------
 
-_POOL = ChildPool(warm_up=decord_module, name="framescribe-decode")
+def _warm_up() -> None:
+    s3_retry.install()
+    decord_module()
+
+
+_POOL = ChildPool(warm_up=_warm_up, name="framescribe-decode")
 
 
 def shutdown_decode_pool() -> None:
@@ -477,7 +596,8 @@ def shutdown_decode_pool() -> None:
     _POOL.shutdown()
 
 
-def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float) -> DecodedVideo:
+def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float,
+                     decoders: tuple[str, ...] = DECODERS) -> DecodedVideo:
     data = None
     if filesystem is not None and type(filesystem).__name__ == "MemoryFileSystem":
         # fsspec's memory filesystem lives in this process only: read the bytes here and ship them.
@@ -486,12 +606,18 @@ def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float)
         filesystem = None
     hang_substr = os.environ.get(HANG_ENV)
     try:
-        return _POOL.call(_decode_in_process, (uri, spec, filesystem, data), timeout_s,
+        return _POOL.call(_decode_in_process, (uri, spec, filesystem, data, decoders), timeout_s,
                           hang=bool(hang_substr) and hang_substr in uri)
     except ChildTimeout:
         raise DecodeError("decode_timeout", f"{uri}: decoding took longer than {timeout_s:g}s; "
                                             "decoder process killed") from None
     except ChildDied as e:
+        if len(decoders) > 1:  # one decoder crashing does not make the file corrupt: the next one tries
+            try:
+                return _decode_in_child(uri, spec, filesystem, timeout_s, decoders[1:])
+            except DecodeError as later:
+                if later.error_type not in _FALLBACK_ON:
+                    raise
         raise DecodeError("corrupt", f"{uri}: decoder crashed ({e})") from None
     except ChildUnavailable as e:
         raise DecodeError("read_error", f"{uri}: {e}") from None
@@ -501,19 +627,25 @@ def _decode_in_child(uri: str, spec: SamplingSpec, filesystem, timeout_s: float)
 # public entry point
 # ----------------------------------------------------------------------------------------------------
 
-def decode_video(uri: str, spec: SamplingSpec, *, filesystem=None, timeout_s: float | None = None) -> DecodedVideo:
+def decode_video(uri: str, spec: SamplingSpec, *, filesystem=None, timeout_s: float | None = None,
+                 decoders: tuple[str, ...] = DECODERS) -> DecodedVideo:
     """Decode the sampled frames of `uri`; raises only DecodeError.
 
     filesystem: an fsspec filesystem (None: inferred from the uri; local paths, file://, s3://, ...).
     timeout_s: None decodes in this process. Otherwise the decode runs in a child process from a small
     per-process pool (forkserver, safe for threaded callers such as Ray workers); past `timeout_s` the
     child is killed and replaced and DecodeError("decode_timeout") is raised; a child that dies (a
-    decoder segfault) gives DecodeError("corrupt", "decoder crashed ...").
+    decoder segfault) gives DecodeError("corrupt", "decoder crashed ...") once every decoder failed.
+    decoders: tried in order (default decord2, then PyAV); the next one runs only when the previous one
+    called the file corrupt or not a video (or crashed); `DecodedVideo.decoder` names the one that worked.
     """
+    unknown = [d for d in decoders if d not in _DECODE_FNS]
+    if unknown or not decoders:
+        raise ValueError(f"decoders must be a non-empty subset of {DECODERS}, got {decoders}")
     try:
         if timeout_s is None:
-            return _decode_in_process(uri, spec, filesystem)
-        return _decode_in_child(uri, spec, filesystem, float(timeout_s))
+            return _decode_in_process(uri, spec, filesystem, None, tuple(decoders))
+        return _decode_in_child(uri, spec, filesystem, float(timeout_s), tuple(decoders))
     except DecodeError:
         raise
     except (KeyboardInterrupt, SystemExit):

@@ -90,4 +90,4 @@ def decode_ranged(uri: str, f, spec: SamplingSpec) -> DecodedVideo:
     out = np.ascontiguousarray(small[[pos[i] for i in indices]])
     return DecodedVideo(frames=out, timestamps=[round(i / fps, 6) for i in indices], duration_s=n / fps,
                         fps=fps, width=width, height=height, n_frames_total=n,
-                        decode_ms=(time.perf_counter() - t0) * 1000.0, indices=list(indices))
+                        decode_ms=(time.perf_counter() - t0) * 1000.0, indices=list(indices), decoder="pyav")

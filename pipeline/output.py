@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,24 +11,61 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.storage import Location, storage_options
+from pipeline.storage import Location, join, storage_options
 
 OUTPUT_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("text", pa.string()), ("status", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
+    ("retryable", pa.bool_()), ("run_attempt", pa.int64()),
     ("model", pa.string()), ("model_revision", pa.string()), ("pruner", pa.string()), ("retention", pa.float64()),
     ("compensation", pa.string()),
     ("retention_used", pa.float64()), ("visual_tokens_full", pa.int64()), ("visual_tokens_kept", pa.int64()),
     ("iwp_residual", pa.float64()), ("frames_sampled", pa.int64()), ("frame_timestamps", pa.list_(pa.float64())),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
-    ("decode_ms", pa.float64()), ("vision_ms", pa.float64()), ("prune_ms", pa.float64()),
+    ("decode_ms", pa.float64()), ("decoder", pa.string()), ("vision_ms", pa.float64()),
+    ("vision_groups", pa.int64()), ("vision_groups_encoded", pa.int64()), ("prune_ms", pa.float64()),
     ("prefill_ms", pa.float64()), ("generate_ms", pa.float64()), ("new_tokens", pa.int64()),
     ("labeling_hash", pa.string()), ("run_id", pa.string()), ("pipeline_version", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("created_at", pa.timestamp("us", tz="UTC")), ("schema_version", pa.int32()),
     # added later (outputs written before them read back as nulls): what the pruner kept, and the manifest's reference
     ("kept_token_indices", pa.list_(pa.int32())), ("token_grid", pa.list_(pa.int32())), ("reference", pa.string()),
 ])
 STATE_DIR = "_framescribe"  # run summaries; the leading underscore keeps it out of dataset readers
+# What identifies a row (video_id, labeling_hash inputs, uri form). 1 = rows written before it was
+# recorded (null in the column); 2 = canonical uri, video_id from the path relative to the input root,
+# labeling hash over normalised values. README "Versioning" says what an upgrade does to old rows.
+SCHEMA_VERSION = 2
+# The only files framescribe writes at the top of an output, besides STATE_DIR: everything else is the user's.
+PART_RE = re.compile(r"part-[0-9a-f]{24}\.parquet")
+TMP_RE = re.compile(r"_tmp-[0-9a-f]{32}\.inprogress")
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def own_parts(fs, root: str) -> list[str]:
+    """The Parquet parts framescribe wrote under `root` (by name pattern), sorted."""
+    return sorted(p for p in fs.glob(join(root, "part-*.parquet")) if PART_RE.fullmatch(basename(p)))
+
+
+def own_tmp(fs, root: str) -> list[str]:
+    return sorted(p for p in fs.glob(join(root, "_tmp-*.inprogress")) if TMP_RE.fullmatch(basename(p)))
+
+
+def foreign_parquet(fs, root: str, limit: int = 5) -> list[str]:
+    """Parquet files under `root` that framescribe did not write (they would join the dataset of a reader
+    such as `read_parquet('OUT/**/*.parquet')`), at most `limit`."""
+    found = []
+    for p in sorted(fs.find(root)):
+        rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/") + "/") else basename(p)
+        if rel.startswith(STATE_DIR + "/") or not rel.lower().endswith(".parquet"):
+            continue
+        if "/" in rel or not PART_RE.fullmatch(rel):
+            found.append(p)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -78,12 +116,13 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
     Parts written before a column existed read back with nulls in it (the dataset reads with OUTPUT_SCHEMA)."""
     loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
     loc.fs.invalidate_cache(loc.root)  # object stores: parts written by other processes since the last listing
-    if not loc.fs.exists(loc.root) or not loc.fs.glob(loc.path("*.parquet")):
+    parts = own_parts(loc.fs, loc.root) if loc.fs.exists(loc.root) else []
+    if not parts:  # only framescribe's parts: a user's files in the folder are never read
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
     import pyarrow.dataset as pads
 
-    ds = pads.dataset(loc.root, format="parquet", filesystem=arrow_fs(loc.fs), schema=OUTPUT_SCHEMA)
+    ds = pads.dataset(parts, format="parquet", filesystem=arrow_fs(loc.fs), schema=OUTPUT_SCHEMA)
     return ds.to_table(columns=columns, filter=filter)
 
 
@@ -99,7 +138,7 @@ def arrow_fs(fs):
 
 KEY_COLUMNS = ("video_id", "prompt_id", "labeling_hash")
 # what resume, compaction and the summary need of every row; the rest of a row is never read for them
-INDEX_COLUMNS = [*KEY_COLUMNS, "status", "created_at", "run_id"]
+INDEX_COLUMNS = [*KEY_COLUMNS, "status", "retryable", "run_attempt", "created_at", "run_id"]
 _FEW_VALUES = ["labeling_hash", "status", "run_id"]  # dictionary-encoded in memory: a few distinct values
 TMP_STALE_S = 3600.0  # a temp object older than this belongs to a writer that died
 _READERS = 16         # parts read in parallel (object stores: latency-bound)
@@ -155,8 +194,9 @@ class OutputIndex:
                           pa.field("_row", pa.int64())]).empty_table()
 
     def list_parts(self) -> list[str]:
-        """One listing of the output folder: its parts (sorted), and in `self.tmp` the temp objects of
-        writers with their modification times (for `compact`'s stale-temp cleanup)."""
+        """One listing of the output folder: framescribe's own parts (`PART_RE`, sorted), and in `self.tmp`
+        its temp objects (`TMP_RE`) with their modification times (for `compact`'s stale-temp cleanup).
+        Other files in the folder (a user's) are never read, rewritten or deleted."""
         fs, root = self.loc.fs, self.loc.root
         fs.invalidate_cache(root)  # object stores: parts the workers wrote since the last listing
         try:
@@ -167,9 +207,9 @@ class OutputIndex:
         for e in entries:
             path = e["name"].rstrip("/")
             name = path.rsplit("/", 1)[-1]
-            if name.startswith("_tmp-") and name.endswith(".inprogress"):
+            if TMP_RE.fullmatch(name):
                 self.tmp[path] = _modified(e)
-            elif name.endswith(".parquet") and not name.startswith(("_", ".")) and e.get("type") != "directory":
+            elif PART_RE.fullmatch(name) and e.get("type") != "directory":  # never a user's file
                 parts.append(path)
         return sorted(parts)
 
@@ -214,19 +254,33 @@ class OutputIndex:
         self.loc.fs.rm_file(path)
         self.forget([path])
 
-    def done_keys(self, labeling_hash: str, *, include_errors: bool) -> set[tuple[str, str]]:
-        """(video_id, prompt_id) pairs already committed for this labeling config."""
+    def _done(self, labeling_hash: str, include_errors: bool, max_run_attempts: int | None) -> pa.Table:
         t = self.keys.filter(pc.equal(self.keys["labeling_hash"].cast(pa.string()), labeling_hash))
         if not include_errors:
             t = t.filter(pc.equal(t["status"].cast(pa.string()), "ok"))
+        elif max_run_attempts is not None:  # retryable errors not tried often enough are not done
+            t = t.filter(pc.invert(retry_due(t, max_run_attempts)))
+        return t
+
+    def done_keys(self, labeling_hash: str, *, include_errors: bool,
+                  max_run_attempts: int | None = None) -> set[tuple[str, str]]:
+        """(video_id, prompt_id) pairs already committed for this labeling config (see `done_keys`)."""
+        t = self._done(labeling_hash, include_errors, max_run_attempts)
         return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
 
-    def missing(self, inputs, labeling_hash: str, *, include_errors: bool) -> np.ndarray:
-        """For each (video, prompt) of `inputs` in order (VideoInput.video_id, .prompts), True when no row
-        for this labeling config is committed yet. Membership is tested in Arrow, not in a Python set."""
+    def retry_attempts(self, labeling_hash: str, max_run_attempts: int) -> dict[tuple[str, str], int]:
+        """(video_id, prompt_id) -> runs that tried it, for the retryable error rows the next run retries."""
         t = self.keys.filter(pc.equal(self.keys["labeling_hash"].cast(pa.string()), labeling_hash))
-        if not include_errors:
-            t = t.filter(pc.equal(t["status"].cast(pa.string()), "ok"))
+        t = t.filter(retry_due(t, max_run_attempts))
+        return {(v, p): int(a or 1) for v, p, a in zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist(),
+                                                        t["run_attempt"].to_pylist())}
+
+    def missing(self, inputs, labeling_hash: str, *, include_errors: bool,
+                max_run_attempts: int | None = None) -> np.ndarray:
+        """For each (video, prompt) of `inputs` in order (VideoInput.video_id, .prompts), True when no row
+        for this labeling config is committed yet (or it is a retryable error due for a retry, with
+        `max_run_attempts`). Membership is tested in Arrow, not in a Python set."""
+        t = self._done(labeling_hash, include_errors, max_run_attempts)
         wanted = pa.array([v.video_id + pid for v in inputs for pid, _ in v.prompts], pa.string())
         if t.num_rows == 0:
             return np.ones(len(wanted), dtype=bool)
@@ -249,10 +303,27 @@ class OutputIndex:
 
 
 def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpoint: str | None = None,
-              anon: bool = False) -> set[tuple[str, str]]:
-    """(video_id, prompt_id) pairs already committed for this labeling config."""
+              anon: bool = False, max_run_attempts: int | None = None) -> set[tuple[str, str]]:
+    """(video_id, prompt_id) pairs already committed for this labeling config.
+
+    With `max_run_attempts`, a retryable error row tried by fewer runs than that is not done (see
+    `retry_attempts`): the next run retries it by itself."""
     idx = OutputIndex.load(Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon))
-    return idx.done_keys(labeling_hash, include_errors=include_errors)
+    return idx.done_keys(labeling_hash, include_errors=include_errors, max_run_attempts=max_run_attempts)
+
+
+def retry_due(t: pa.Table, max_run_attempts: int):
+    """Mask: retryable error rows tried by fewer than `max_run_attempts` runs (rows of old versions: 1 run)."""
+    attempts = pc.fill_null(t["run_attempt"], 1)
+    return pc.and_(pc.and_(pc.equal(t["status"].cast(pa.string()), "error"), pc.fill_null(t["retryable"], False)),
+                   pc.less(attempts, max_run_attempts))
+
+
+def retry_attempts(output: str, labeling_hash: str, max_run_attempts: int, *, s3_endpoint: str | None = None,
+                   anon: bool = False) -> dict[tuple[str, str], int]:
+    """(video_id, prompt_id) -> runs that tried it, for the retryable error rows the next run retries."""
+    idx = OutputIndex.load(Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon))
+    return idx.retry_attempts(labeling_hash, max_run_attempts)
 
 
 @dataclass
@@ -408,6 +479,41 @@ def _merge_small_parts(index: OutputIndex, part_rows: int, report: CompactionRep
         report.parts_written_by_merge += 1
 
 
-__all__ = ["OUTPUT_SCHEMA", "read_rows", "done_keys", "write_part", "conform",
+def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, key_for_uri,
+                        s3_endpoint: str | None = None, anon: bool = False) -> int:
+    """Bring rows of schema version 1 (no `schema_version`) written with this labeling config (its old
+    `legacy_hash`) to the current identity: canonical `uri`, `video_id` from `key_for_uri(uri)` ->
+    (canonical uri, key), the new `labeling_hash`. Each touched part is rewritten atomically under a new
+    name, then the old one deleted; a crash in between leaves duplicates that compaction removes.
+    Returns the number of rows migrated. Rows of other configs are left as they are."""
+    from pipeline.discover import video_id_for
+
+    loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
+    fs, root = loc.fs, loc.root
+    migrated = 0
+    for part in own_parts(fs, root):
+        head = _read_part(fs, part, ["labeling_hash"])
+        if legacy_hash not in set(head["labeling_hash"].to_pylist()):
+            continue
+        t = conform(_read_part(fs, part))
+        rows = t.to_pylist()
+        changed = 0
+        for r in rows:
+            if r["labeling_hash"] == legacy_hash and r["schema_version"] is None:
+                uri, key = key_for_uri(r["uri"])
+                r.update(uri=uri, video_id=video_id_for(key), labeling_hash=labeling_hash,
+                         schema_version=SCHEMA_VERSION)
+                changed += 1
+        if not changed:
+            continue
+        new_path = write_part(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), output, location=loc)
+        if basename(new_path) != basename(part):
+            fs.rm_file(part)
+        migrated += changed
+    return migrated
+
+
+__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet",
+           "basename", "read_rows", "done_keys", "retry_due", "retry_attempts", "write_part", "conform",
            "storage_options", "STATE_DIR", "compact_duplicates", "compact", "CompactionReport", "OutputIndex",
            "PART_ROWS", "CHECKPOINT_ROWS", "arrow_fs"]

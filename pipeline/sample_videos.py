@@ -133,6 +133,41 @@ def make_moving_shapes(n_frames: int, height: int, width: int, seed: int = 0) ->
     return out
 
 
+def _texture(height: int, width: int, rng) -> np.ndarray:
+    # smooth low-saturation texture with fine noise (values 60..170), as make_moving_shapes' background
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    fx, fy, phase = rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2), rng.uniform(0, 2 * math.pi)
+    tex = 0.5 + 0.25 * np.sin(xx * fx + phase) + 0.25 * np.cos(yy * fy - phase)
+    tex += rng.normal(0, 0.04, size=tex.shape).astype(np.float32)
+    base = 60 + 100 * np.clip(tex, 0, 1)
+    return np.stack([base * 0.9, base, base * 1.1], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def make_static_scene(n_frames: int, height: int, width: int, seed: int = 0, objects: int = 2) -> np.ndarray:
+    """Still camera and background; `objects` (<= 2) small squares (side = min(h, w) / 16) drift a few pixels
+    per frame. Deterministic. The `static` content of `framescribe bench speed`."""
+    rng = np.random.default_rng(seed)
+    out = np.repeat(_texture(height, width, rng)[None], n_frames, axis=0)
+    side = max(2, min(height, width) // 16)
+    for k in range(min(objects, 2)):
+        x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+        vx, vy = rng.uniform(-1.5, 1.5, size=2)
+        for t in range(n_frames):
+            x = int(np.clip(x0 + vx * t, 0, width - side))
+            y = int(np.clip(y0 + vy * t, 0, height - side))
+            out[t, y:y + side, x:x + side] = SHAPE_COLOR if k == 0 else (40, 200, 60)
+    return out
+
+
+def make_panning_scene(n_frames: int, height: int, width: int, seed: int = 0, step: int | None = None) -> np.ndarray:
+    """The camera pans across a wider textured scene by `step` pixels every frame (default: width / 32).
+    Deterministic. The `panning` content of `framescribe bench speed`."""
+    rng = np.random.default_rng(seed)
+    step = step or max(1, width // 32)
+    scene = _texture(height, width + step * n_frames, rng)
+    return np.stack([scene[:, t * step:t * step + width] for t in range(n_frames)])
+
+
 def make_demo_videos(out_dir, n: int = 4, seed: int = 0) -> list[Path]:
     """`n` short clips (16 frames, 128x128, 8 fps) with moving shapes, cycling through the codecs."""
     out_dir = Path(out_dir)

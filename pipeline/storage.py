@@ -7,12 +7,33 @@ from typing import Any
 
 import fsspec
 
+from actors import s3_retry
+
+s3_retry.install()  # s3fs also retries 5xx answers without a body (HEAD), see actors/s3_retry.py
+
+
+# Transient storage errors (throttling, 5xx, connection resets, timeouts) are retried inside the task by the
+# storage libraries themselves: botocore (standard mode: exponential backoff with jitter, up to
+# S3_MAX_ATTEMPTS attempts per request; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override it) and, around that,
+# s3fs (its `retries`, default 5, for SlowDown, timeouts and dropped connections).
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+def s3_client_config() -> dict[str, Any]:
+    """botocore.client.Config arguments for the retries and timeouts above."""
+    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
+    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        config["retries"] = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+    return config
+
 
 def storage_options(uri: str, *, s3_endpoint: str | None = None, anon: bool = False) -> dict[str, Any]:
     """fsspec options for `uri`; secrets stay in the AWS env/config chain, never in our config."""
     if not uri.startswith(("s3://", "s3a://")):
         return {}
-    opts: dict[str, Any] = {"anon": anon}
+    opts: dict[str, Any] = {"anon": anon, "config_kwargs": s3_client_config()}
     endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
@@ -106,3 +127,27 @@ def check_bucket(uri: str, field: str, *, s3_endpoint: str | None = None, anon: 
             raise ConfigError(f"{field}: cannot reach the object store for {uri!r} ({name}); check --s3-endpoint "
                               f"/ AWS_ENDPOINT_URL and the network") from None
         raise ConfigError(f"{field}: cannot use {uri!r}: {name}: {redact(str(e))}") from None
+
+
+def check_local_writable(uri: str, field: str) -> None:
+    """Fail fast, before any cluster work, when a local output folder cannot be written. Nothing is created:
+    a probe file is written to and deleted from the folder, or from its nearest existing parent when the
+    folder does not exist yet (the run creates it later)."""
+    from pipeline.config import ConfigError
+
+    if is_remote(uri):
+        return
+    import uuid
+    from pathlib import Path
+
+    target = Path(get_fs(uri)[1])
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"{field}: {uri!r} cannot be a folder: {str(existing)!r} is a file")
+    probe = existing / f".framescribe-write-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write to {uri!r} ({type(e).__name__}: {e.strerror or e} in "
+                          f"{str(existing)!r}); choose a writable folder") from None

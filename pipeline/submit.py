@@ -315,7 +315,7 @@ def make_submit(config_params: Callable[[], list]) -> Callable:
                **values):
         """Submit a labeling run to a Ray cluster as a Ray job (config validated here first)."""
         try:
-            cfg = load_config(config, **values)
+            cfg = load_config(config, relative_to_file=False, **values)  # paths are the cluster's
             check_for_cluster(cfg)
             if incremental:
                 check_incremental(cfg)

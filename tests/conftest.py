@@ -53,10 +53,14 @@ def mixed_dir(tmp_path_factory, corpus) -> Path:
     return d
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real `framescribe` entry point in a subprocess, as a user runs it."""
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None,
+            module: str = "pipeline.cli") -> subprocess.CompletedProcess:
+    """The real `framescribe` entry point (or another `module`'s) in a subprocess, as a user runs it; `cwd`
+    is the folder the user runs it from (the repository root by default)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=full_env,
+    if cwd is not None:  # the package must import from anywhere, as an installed one does
+        full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -40,6 +40,29 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
     assert (out / "speed_qwen2_5_vl_tiny_L2_f4_b2_cpu.png").stat().st_size > 5000
 
 
+@pytest.mark.parametrize("content,skipped", [("static", True), ("panning", False)])
+def test_bench_speed_content_and_vision_skip_report_the_skipped_share(tmp_path, content, skipped):
+    out = tmp_path / "speed"
+    r = run_cli("bench", "speed", "--size", "tiny", "--frames", "8", "--batch-size", "1", "--retentions", "0.25",
+                "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--clock", "process", "--out", str(out),
+                "--content", content, "--vision-skip", "1.0", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out / f"speed_qwen2_5_vl_tiny_L2_f8_b1_{content}_cpu.csv")
+    assert [(x["pruner"], x["vision_skip_threshold"]) for x in rows] == [
+        ("none", ""), ("iwp", ""), ("none", "1.0"), ("iwp", "1.0")]
+    for x in rows:
+        assert x["content"] == content and int(x["groups"]) == 4  # 8 frames, 2 per temporal group
+        without_skip = x["vision_skip_threshold"] == ""
+        assert (int(x["groups_encoded"]) == 4) == (without_skip or not skipped)
+        assert float(x["groups_skipped_share"]) == 1 - int(x["groups_encoded"]) / 4
+    assert "groups enc." in r.stdout
+
+
+def test_bench_speed_rejects_an_unknown_content():
+    r = run_cli("bench", "speed", "--content", "sports")
+    assert r.returncode == 2 and "content" in r.stderr
+
+
 def test_bench_speed_llava_batched_prune_and_layer_override(tmp_path):
     from bench.speed import CSV_COLUMNS, SpeedConfig, run_speed
 

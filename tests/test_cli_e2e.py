@@ -39,6 +39,7 @@ def test_mixed_folder_gives_one_row_per_video_with_reasons(tmp_path, tiny_qwen, 
         assert row["visual_tokens_kept"] == math.ceil(0.25 * row["visual_tokens_full"])
         assert row["frames_sampled"] == 6 and len(row["frame_timestamps"]) == 6
         assert row["width"] > 0 and row["height"] > 0 and row["iwp_residual"] is not None
+        assert row["vision_groups"] == 3 and 1 <= row["vision_groups_encoded"] <= 3  # 6 frames, 2 per group (skip on)
         assert isinstance(row["text"], str)
     summary = r.stdout
     assert f"{len(good)} / {len(rows) - len(good)}" in summary
@@ -65,17 +66,20 @@ def test_yaml_config_qa_with_questions_and_duckdb(tmp_path, tiny_llava, corpus):
     questions.write_text("how many objects are there?\nwhich colour is the shape?\n")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"input: {manifest}\noutput: {tmp_path / 'out'}\nmodel: {tiny_llava}\ntask: qa\n"
-                   f"questions: {questions}\nnum-frames: 4\nmax_new_tokens: 3\npruner: iwp\nretention: 0.25\n")
+                   f"questions: {questions}\nnum-frames: 4\nmax_new_tokens: 3\npruner: iwp\nretention: 0.25\n"
+                   "vision_skip: false\n")
     r = run_cli("run", "--config", str(cfg), "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     con = duckdb.connect()
-    rows = con.execute(f"select uri, prompt, status, error_type, visual_tokens_kept, visual_tokens_full "
+    rows = con.execute(f"select uri, prompt, status, error_type, visual_tokens_kept, visual_tokens_full, "
+                       f"vision_groups, vision_groups_encoded "
                        f"from read_parquet('{tmp_path / 'out'}/**/*.parquet')").fetchall()
     # 2 shared questions for every video + 1 own question for the first: 3 + 2 + 2
     assert len(rows) == 7
     assert {r[2] for r in rows if r[0] == str(missing)} == {"error"}
     assert {r[3] for r in rows if r[0] == str(missing)} == {"not_found"}
     assert all(r[4] == math.ceil(0.25 * r[5]) for r in rows if r[2] == "ok")
+    assert all(r[6] == r[7] >= 1 for r in rows if r[2] == "ok")  # vision_skip: false encodes every frame
     # LLaVA-OneVision: one token group per sampled frame; the kept indices are what the count says
     grids = con.execute(f"select token_grid, kept_token_indices, visual_tokens_full from "
                         f"read_parquet('{tmp_path / 'out'}/**/*.parquet') where status = 'ok'").fetchall()

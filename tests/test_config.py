@@ -20,7 +20,7 @@ def test_yaml_and_overrides_merge_with_dashes(tmp_path):
     ({"pruner": "magic"}, "pruner", "unknown pruner 'magic'"),
     ({"num_frames": 0}, "num_frames", "greater than or equal to 1"),
     ({"task": "summarize"}, "task", "'caption' or 'qa'"),
-    ({"bogus_option": 1}, "bogus_option", "Extra inputs are not permitted"),
+    ({"bogus_option": 1}, "bogus_option", "unknown option"),
     ({"retention": 0.5}, "config", "needs a pruner"),
     ({"start": 5.0, "end": 2.0}, "config", "must be greater than start"),
     ({"iwp_layer": 3}, "iwp_layer", "only layer 0"),
@@ -50,7 +50,9 @@ def test_labeling_hash_tracks_what_changes_the_text():
     a = RunConfig(**BASE)
     assert a.labeling_hash() == RunConfig(**BASE, batch_size=16, concurrency=3).labeling_hash()
     assert a.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5).labeling_hash()
-    assert a.labeling_hash() != RunConfig(**BASE, prompt="What happens?").labeling_hash()
+    assert a.labeling_hash() != RunConfig(**BASE, max_new_tokens=8).labeling_hash()
+    # the prompt is the row's prompt_id, not part of the labeling config: a new prompt adds rows only
+    assert a.labeling_hash() == RunConfig(**BASE, prompt="What happens?").labeling_hash()
     iwp = RunConfig(**BASE, pruner="iwp", retention=0.5)
     assert iwp.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5, compensation="bias").labeling_hash()
 

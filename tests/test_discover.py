@@ -36,7 +36,9 @@ def test_glob_and_single_file(tree):
 
 def test_video_id_is_stable_and_prompts_default_to_caption(tree):
     vs = discover_inputs(_cfg(tree))
-    assert vs[0].video_id == video_id_for(vs[0].uri) == discover_inputs(_cfg(tree))[0].video_id
+    # a local video is identified by its path relative to the input root (README "Versioning")
+    assert vs[0].video_id == video_id_for(vs[0].key) == discover_inputs(_cfg(tree))[0].video_id
+    assert vs[0].key == vs[0].uri[len(str(tree)) + 1:]
     assert [p for _, p in vs[0].prompts] == ["Describe this video."]
 
 

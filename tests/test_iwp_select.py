@@ -198,3 +198,58 @@ def test_bad_inputs_are_rejected():
         select_tokens_pcmmr(keys, values, TokenLayout((4, 5)), 3)
     with pytest.raises(ValueError):
         IWPSettings(chunking="spatial")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
+@pytest.mark.parametrize("key_scale", [1.0, 4.0])
+def test_matrix_form_picks_equal_the_elementwise_form(seed, head_agg, key_scale):
+    # Random continuous inputs: the forms differ by rounding only, so no near-tie flips a pick here.
+    s = IWPSettings(head_agg=head_agg, lam=0.5)
+    layouts = [TokenLayout((48,) * 4), TokenLayout((30, 50, 20)), TokenLayout((64,) * 2)]
+    kv = [random_kv(layout.n_tokens, heads=4, dk=32, dv=32, seed=10 * seed + i, key_scale=key_scale)
+          for i, layout in enumerate(layouts)]
+    budgets = [budget_for(layout.n_tokens, r) for layout, r in zip(layouts, (0.25, 0.4, 0.1))]
+    args = ([k for k, _ in kv], [v for _, v in kv], layouts, budgets, s)
+    matrix = select_tokens_pcmmr_batch(*args, form="matrix")
+    elementwise = select_tokens_pcmmr_batch(*args, form="elementwise")
+    assert [m.tolist() for m in matrix] == [e.tolist() for e in elementwise]
+
+
+@pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
+@pytest.mark.parametrize("floor", [0.0, 0.25])
+def test_matrix_form_treats_exact_copies_as_duplicates(head_agg, floor):
+    # Huge key norms: ‖a‖²+‖b‖²−2a·b of two equal keys is far from 0 in float32, yet a copy of a pick must
+    # get the pick's own duplication (the vision skip produces exact copies of whole groups).
+    per_chunk = 64
+    frame_k, frame_v = random_kv(per_chunk, heads=2, dk=64, dv=16, seed=5, key_scale=1e3)
+    keys, values = frame_k.repeat(4, 1, 1), frame_v.repeat(4, 1, 1)
+    layout = TokenLayout((per_chunk,) * 4)
+    s = IWPSettings(head_agg=head_agg, floor=floor)
+    matrix = select_tokens_pcmmr(keys, values, layout, 52, s, form="matrix")
+    assert matrix.tolist() == select_tokens_pcmmr(keys, values, layout, 52, s, form="elementwise").tolist()
+    assert len({int(j) % per_chunk for j in matrix}) == 52  # no content kept twice
+
+
+@pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
+@pytest.mark.parametrize("key_scale", [1.0, 1e2, 1e3])
+def test_matrix_rows_give_copies_exactly_the_picks_own_duplication(head_agg, key_scale):
+    from iwp.metric import pair_duplication, token_features
+    from iwp.select import _MatrixRows, _stack_features, content_ids
+
+    keys, values = random_kv(32, heads=2, dk=128, dv=16, seed=5, key_scale=key_scale)
+    keys, values = keys.repeat(3, 1, 1), values.repeat(3, 1, 1)
+    f = token_features(keys, values, IWPSettings(head_agg=head_agg))
+    ids = content_ids(f.keys, f.unit_values, f.head_weights)
+    assert ids[:32].unique().numel() == 32 and torch.equal(ids[:32], ids[32:64])
+    rows = _MatrixRows(_stack_features([f], 96), torch.ones(1, 96, dtype=torch.bool), ids[None])
+    for p in (0, 7, 40, 95):
+        row = rows(torch.tensor([p]))[0]
+        own = pair_duplication(f.take(slice(p, p + 1)), f.take(slice(p, p + 1)))
+        assert torch.equal(row[torch.arange(p % 32, 96, 32)], own.expand(3))
+
+
+def test_unknown_form_is_rejected():
+    keys, values = random_kv(10)
+    with pytest.raises(ValueError, match="form"):
+        select_tokens_pcmmr(keys, values, TokenLayout((10,)), 3, form="dense")

@@ -116,11 +116,13 @@ def test_compaction_killed_between_write_and_delete_heals(tmp_path, monkeypatch)
 
 
 def test_stale_temp_objects_are_removed_fresh_ones_kept(tmp_path):
-    old, fresh = tmp_path / "_tmp-old.inprogress", tmp_path / "_tmp-new.inprogress"
-    old.write_bytes(b"x")
-    fresh.write_bytes(b"x")
+    old, fresh = tmp_path / f"_tmp-{'a' * 32}.inprogress", tmp_path / f"_tmp-{'b' * 32}.inprogress"
+    users = tmp_path / "_tmp-mine.inprogress"  # not framescribe's name pattern: the user's, never touched
+    for p in (old, fresh, users):
+        p.write_bytes(b"x")
     past = time.time() - 2 * 3600
     os.utime(old, (past, past))
+    os.utime(users, (past, past))
     rep = compact_duplicates(str(tmp_path))
-    assert rep.stale_tmp_removed == 1 and not old.exists() and fresh.exists()
+    assert rep.stale_tmp_removed == 1 and not old.exists() and fresh.exists() and users.exists()
     assert read_rows(str(tmp_path)).num_rows == 0 and read_rows(str(tmp_path)).schema == OUTPUT_SCHEMA

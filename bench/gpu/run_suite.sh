@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole GPU measurement set of docs/benchmarks.md in one go (< 5 minutes on an H100/H200), on a machine
+# with only PyTorch + torchvision: installs bench/gpu/wheels offline, then writes CSVs and logs to $OUT.
+#   bash bench/gpu/run_suite.sh            (from the repository root)
+set -euo pipefail
+OUT=${OUT:-bench-out/gpu}
+mkdir -p "$OUT"
+if ! python -c "import transformers, typer, rich" 2>/dev/null; then
+  python -m pip install --no-index --find-links bench/gpu/wheels transformers typer rich
+fi
+export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# 1. PC-MMR: matrix form vs elementwise reference, one video and a lockstep batch (7B shapes, N = 2048, 25 %)
+timeout 60 python -m bench.pcmmr_form --device cuda --batches 1,4,16 --repeats 5 | tee "$OUT/pcmmr_form.txt"
+# 2. captioning, full-depth Qwen2.5-VL-7B shape, 16 frames 448 px, batch 4, 32 tokens: unpruned vs IWP 25 %,
+#    each without and with the vision skip, on static-camera and panning clips
+for content in static panning; do
+  timeout 150 python -m bench.gpu_suite --content "$content" --out "$OUT" | tee "$OUT/speed_$content.txt"
+done
+echo "done: $OUT"
