@@ -118,6 +118,8 @@ def print_summary(summary) -> None:
             ("visual tokens kept / full", f"{summary.visual_tokens_kept} / {summary.visual_tokens_full}"),
             ("videos/s", f"{summary.videos_per_s:.2f} ({summary.seconds:.1f} s)"),
             ("output", summary.output), ("run id", summary.run_id)]
+    if getattr(summary, "log_file", ""):
+        rows.append(("log file", summary.log_file))
     if summary.error_types:
         rows.insert(2, ("errors by type", ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_types.items()))))
     if getattr(summary, "duplicates_removed", 0):
@@ -134,6 +136,30 @@ def print_summary(summary) -> None:
     Console().print(t)
 
 
+def print_plan(cfg: RunConfig, plan) -> None:
+    """`--dry-run`: what the run would do, and an estimate of how long it takes."""
+    from pipeline.run import estimate
+
+    est = estimate(cfg, plan)
+    t = Table(title="framescribe plan (dry run: nothing labeled)", show_header=False)
+    skipped = plan.n_videos - (plan.limited_from or len(plan.todo))
+    rows = [("inputs found", f"{plan.n_videos} videos"),
+            ("already labeled", f"{skipped} videos (this labeling config)"),
+            ("to do", f"{len(plan.todo)} videos, {plan.rows_todo} rows (video x prompt)"
+                      + (f" (--limit {cfg.limit} of {plan.limited_from})" if plan.limited_from else "")),
+            ("output parts", f"{len(plan.index.live)} ({plan.index.keys.num_rows} rows)")]
+    if est.decode_s_per_video is not None:
+        rows.append(("decode sample", f"{est.sample} videos, {est.decode_s_per_video:.2f} s/video (one CPU)"))
+    if est.previous_videos_per_s:
+        rows.append(("previous run", f"{est.previous_videos_per_s:.2f} videos/s"))
+    if est.eta_s is not None:
+        basis = "previous run's rate" if est.previous_videos_per_s else "decode only, one CPU: a lower bound"
+        rows.append(("estimate", f"{est.eta_s / 60:.1f} min ({basis})"))
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
 def execute(cfg: RunConfig) -> int:
     """Run and map outcomes to exit codes (0 done, 2 bad config, 3 too many errors, 4 output busy, 1 failed)."""
     from pipeline.lease import LeaseHeld, LeaseLost
@@ -141,6 +167,9 @@ def execute(cfg: RunConfig) -> int:
 
     try:
         summary = run_pipeline(cfg, log=lambda line: console.print(escape(line)))
+        if cfg.dry_run:
+            print_plan(cfg, summary)
+            return 0
     except (KeyboardInterrupt, SystemExit) as e:
         # Ctrl-C, or SIGTERM (ray.init turns it into SystemExit(15); before that the handler in main does)
         if isinstance(e, SystemExit) and e.code not in (signal.SIGTERM, signal.SIGINT):
@@ -305,7 +334,8 @@ _register_submit(app, config_params)
 
 # `framescribe bench ...`: each benchmark lives in bench/<module>.py and exposes `command` (typer options).
 # The modules are imported only when a bench command runs (or its help is shown): the CLI never needs them.
-BENCHMARKS = {"speed": "bench.speed", "pipeline": "bench.throughput", "quality": "bench.quality"}
+BENCHMARKS = {"speed": "bench.speed", "pipeline": "bench.throughput", "quality": "bench.quality",
+              "scale": "bench.scale"}
 
 
 class _LazyBenchGroup(typer.core.TyperGroup):
@@ -323,7 +353,7 @@ class _LazyBenchGroup(typer.core.TyperGroup):
 
 
 bench_app = typer.Typer(cls=_LazyBenchGroup, add_completion=False, no_args_is_help=True,
-                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput, quality.")
+                        help="Benchmarks: speed (prefill, pruning, decode, end to end), pipeline throughput, quality, scale.")
 app.add_typer(bench_app, name="bench")
 
 

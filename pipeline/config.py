@@ -113,6 +113,10 @@ class RunConfig(BaseModel):
     retry_errors: bool = Field(False, description="redo error rows of this labeling config")
     max_run_attempts: int = Field(3, ge=1, description="runs that try a (video, prompt) whose error is retryable (storage, timeout); later runs retry such rows by themselves until then")
     run_id: Optional[str] = Field(None, description="id of this run (default: time + random suffix)")
+    part_rows: int = Field(50_000, ge=1, description="target rows per output Parquet part; smaller parts are merged at the end of a run")
+    dry_run: bool = Field(False, description="print the plan (found, already labeled, to do, time estimate) and label nothing")
+    limit: Optional[int] = Field(None, ge=1, description="label only the first N videos still to do (a pilot run)")
+    verbose: bool = Field(False, description="show Ray's own logs on the console (else they go to the run's log file)")
     s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / AWS config)")
     anon: bool = Field(False, description="anonymous object-store access")
 

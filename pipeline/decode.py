@@ -38,6 +38,9 @@ ERROR_TYPES = ("not_found", "empty_file", "not_a_video", "no_video_stream", "cor
 # Remote objects up to this size are handed to decord as a file-like object (decord reads it into
 # memory); bigger ones are copied to a temporary file first (removed after), so memory stays bounded.
 IN_MEMORY_MAX_BYTES = 256 * 1024 * 1024
+# Remote objects bigger than this are decoded with ranged reads (pipeline.decode_ranged): only the index
+# and the sampled frames' GOPs are fetched. Smaller ones are fetched whole (one GET beats many ranges).
+RANGED_MIN_BYTES = 32 * 1024 * 1024
 _MIN_SIDE = 28
 _FALLBACK_FPS = 25.0  # only when the container reports no usable frame rate and no timestamps
 
@@ -499,6 +502,17 @@ def _decode_in_process(uri: str, spec: SamplingSpec, filesystem=None, data: byte
         size = len(data)
     if size == 0:
         raise DecodeError("empty_file", f"{uri}: file is empty (0 bytes)")
+
+    if data is None and not _is_local(fs) and size is not None and size > RANGED_MIN_BYTES:
+        from pipeline.decode_ranged import decode_ranged, open_ranged
+
+        try:
+            with open_ranged(fs, path, size) as f:
+                return decode_ranged(uri, f, spec)
+        except FileNotFoundError:
+            raise DecodeError("not_found", f"{uri}: no such file") from None
+        except (PermissionError, ConnectionError, TimeoutError) as e:
+            raise DecodeError("read_error", f"{uri}: {type(e).__name__}: {e}") from None
 
     tmp_path = None
     try:

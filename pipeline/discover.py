@@ -14,16 +14,18 @@ VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".m
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 
-@dataclass
+@dataclass(slots=True)
 class VideoInput:
+    """One video of the run and its prompts. Slots and a video id hashed once: a million of these are
+    ~300 MiB of driver memory (see docs/benchmarks.md, bench scale)."""
     uri: str                                                       # canonical (see `canonical_location`)
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, prompt)
     key: str | None = None  # what identifies the video (`video_key`); the uri when not given
     reference: str | None = None  # a manifest's `reference` (e.g. a ground-truth caption), copied into the rows
+    video_id: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def video_id(self) -> str:
-        return video_id_for(self.key or self.uri)
+    def __post_init__(self):
+        self.video_id = video_id_for(self.key or self.uri)
 
 
 
@@ -185,7 +187,12 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
         is_manifest = path.endswith(MANIFEST_EXTENSIONS) and fs.isfile(path)
         if is_manifest:
             inputs = []
+            shared = _prompt_pairs(prompts)  # rows without prompts of their own share one list (never mutated)
             for row in _manifest_rows(cfg, fs, path):
+                uri = canonical_uri(str(row["uri"]), cfg.input)
+                if len(row) == 1:
+                    inputs.append(VideoInput(uri, shared, video_key(uri, root)))
+                    continue
                 own = list(prompts)
                 if row.get("prompt"):
                     own = [row["prompt"]] if cfg.task == "caption" else own + [row["prompt"]]
@@ -195,24 +202,26 @@ def discover_inputs(cfg: RunConfig) -> list[VideoInput]:
                 if row.get("question"):
                     own.append(row["question"])
                 reference = row.get("reference")
-                inputs.append(VideoInput(canonical_uri(str(row["uri"]), cfg.input), _prompt_pairs(own),
+                inputs.append(VideoInput(uri, _prompt_pairs(own), video_key(uri, root),
                                          reference=None if reference is None else str(reference)))
         elif any(c in path for c in "*?["):
-            inputs = [VideoInput(canonical_location(_with_protocol(fs, p, cfg.input)), _prompt_pairs(prompts))
-                      for p in sorted(fs.glob(path)) if fs.isfile(p)]
+            shared = _prompt_pairs(prompts)
+            uris = [canonical_location(_with_protocol(fs, p, cfg.input))
+                    for p, info in sorted(fs.glob(path, detail=True).items()) if info.get("type") == "file"]
+            inputs = [VideoInput(u, shared, video_key(u, root)) for u in uris]
         elif fs.isdir(path):
-            inputs = [VideoInput(canonical_location(_with_protocol(fs, p, cfg.input)), _prompt_pairs(prompts))
-                      for p in sorted(fs.find(path)) if _is_video(p)]
+            shared = _prompt_pairs(prompts)
+            uris = [canonical_location(_with_protocol(fs, p, cfg.input)) for p in sorted(fs.find(path)) if _is_video(p)]
+            inputs = [VideoInput(u, shared, video_key(u, root)) for u in uris]
         elif fs.isfile(path):
-            inputs = [VideoInput(canonical_location(cfg.input if "://" in cfg.input else path), _prompt_pairs(prompts))]
+            uri = canonical_location(cfg.input if "://" in cfg.input else path)
+            inputs = [VideoInput(uri, _prompt_pairs(prompts), video_key(uri, root))]
         else:
             raise ConfigError(f"input: {cfg.input!r} does not exist (expected a directory, glob, s3:// prefix or manifest)")
     except ConfigError:
         raise
     except Exception as e:  # credentials, endpoint, permissions: fail before any cluster work
         raise ConfigError(f"input: cannot list {cfg.input!r}: {type(e).__name__}: {e}") from None
-    for v in inputs:
-        v.key = video_key(v.uri, root)
     empty = [v.uri for v in inputs if not v.prompts]
     if empty:
         raise ConfigError(f"questions: no prompt for {len(empty)} video(s), e.g. {empty[0]!r}; "

@@ -6,15 +6,12 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
-from pipeline.storage import get_fs, join, storage_options
+from pipeline.storage import Location, join, storage_options
 
 OUTPUT_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
@@ -91,32 +88,25 @@ def part_name(table: pa.Table) -> str:
     return f"part-{digest}.parquet"
 
 
-def write_part(table: pa.Table, output: str, *, s3_endpoint: str | None = None, anon: bool = False) -> str:
+def write_part(table: pa.Table, output: str, *, s3_endpoint: str | None = None, anon: bool = False,
+               location: Location | None = None) -> str:
     """Write one Parquet part atomically: a temp object first, then a rename to its final name."""
     import pyarrow.parquet as pq
 
-    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
-    fs.makedirs(root, exist_ok=True)
-    final = join(root, part_name(table))
-    tmp = join(root, f"_tmp-{uuid.uuid4().hex}.inprogress")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(tmp, final)
+    loc = location or Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
+    loc.fs.makedirs(loc.root, exist_ok=True)
+    final = loc.path(part_name(table))
+    tmp = loc.path(f"_tmp-{uuid.uuid4().hex}.inprogress")
+    with loc.fs.open(tmp, "wb") as f:
+        # row groups of ~64k rows: readers of the key columns skip the rest (column projection)
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    loc.fs.mv(tmp, final)
     return final
 
 
-class AtomicParquetSink(Datasink):
-    """Ray Data sink: each write task commits its rows as one part; a killed run leaves only whole parts."""
-
-    def __init__(self, output: str, *, s3_endpoint: str | None = None, anon: bool = False):
-        self.output, self.s3_endpoint, self.anon = output, s3_endpoint, anon
-
-    def write(self, blocks: Iterable, ctx) -> list[str]:
-        tables = [conform(BlockAccessor.for_block(b).to_arrow()) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        return [write_part(pa.concat_tables(tables), self.output, s3_endpoint=self.s3_endpoint, anon=self.anon)]
+ROW_GROUP_ROWS = 65_536
+PART_ROWS = 50_000        # target rows of a part after merging (see docs/benchmarks.md, "bench scale")
+CHECKPOINT_ROWS = 1_000   # rows a write task gathers before it commits a part: the most work a kill loses
 
 
 def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str | None = None,
@@ -124,22 +114,192 @@ def read_rows(output: str, *, columns: list[str] | None = None, s3_endpoint: str
     """Every committed row under `output` (or those matching `filter`; empty table with the schema when none).
 
     Parts written before a column existed read back with nulls in it (the dataset reads with OUTPUT_SCHEMA)."""
-    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
-    fs.invalidate_cache(root)  # object stores: parts written by other processes since the last listing
-    parts = own_parts(fs, root) if fs.exists(root) else []
+    loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
+    loc.fs.invalidate_cache(loc.root)  # object stores: parts written by other processes since the last listing
+    parts = own_parts(loc.fs, loc.root) if loc.fs.exists(loc.root) else []
     if not parts:  # only framescribe's parts: a user's files in the folder are never read
         table = OUTPUT_SCHEMA.empty_table()
         return table.select(columns) if columns else table
-    ds = pads.dataset(parts, format="parquet", filesystem=_arrow_fs(fs), schema=OUTPUT_SCHEMA)
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(parts, format="parquet", filesystem=arrow_fs(loc.fs), schema=OUTPUT_SCHEMA)
     return ds.to_table(columns=columns, filter=filter)
 
 
-def _arrow_fs(fs):
-    from pyarrow.fs import PyFileSystem, FSSpecHandler, LocalFileSystem
+def arrow_fs(fs):
+    """A pyarrow filesystem for an fsspec one (the native one for local disk)."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
         return LocalFileSystem()
     return PyFileSystem(FSSpecHandler(fs))
+
+
+KEY_COLUMNS = ("video_id", "prompt_id", "labeling_hash")
+# what resume, compaction and the summary need of every row; the rest of a row is never read for them
+INDEX_COLUMNS = [*KEY_COLUMNS, "status", "retryable", "run_attempt", "created_at", "run_id"]
+_FEW_VALUES = ["labeling_hash", "status", "run_id"]  # dictionary-encoded in memory: a few distinct values
+TMP_STALE_S = 3600.0  # a temp object older than this belongs to a writer that died
+_READERS = 16         # parts read in parallel (object stores: latency-bound)
+
+
+def _part_keys(fs, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f, read_dictionary=[c for c in _FEW_VALUES])
+        present = set(pf.schema_arrow.names)
+        t = pf.read(columns=[c for c in INDEX_COLUMNS if c in present])
+    cols = []
+    for name in INDEX_COLUMNS:  # parts of older versions may lack a column: nulls of the right type
+        if name in t.column_names:
+            cols.append(t.column(name).combine_chunks())
+        else:
+            cols.append(pa.nulls(t.num_rows, OUTPUT_SCHEMA.field(name).type))
+    out = pa.Table.from_arrays(cols, names=INDEX_COLUMNS)
+    return out.cast(pa.schema([_index_field(n) for n in INDEX_COLUMNS]))
+
+
+def _index_field(name: str) -> pa.Field:
+    f = OUTPUT_SCHEMA.field(name)
+    return pa.field(name, pa.dictionary(pa.int32(), pa.string())) if name in _FEW_VALUES else f
+
+
+class OutputIndex:
+    """One listing and one read of the key columns of every part under the output, shared by resume
+    (`done_keys`), compaction (`compact`) and the run summary (`rows_of_run`).
+
+    `refresh()` lists again and reads only parts that are new; parts that vanished are dropped.
+    `keys` holds INDEX_COLUMNS plus `_part` (position in `paths`) and `_row` (row number in that part).
+    """
+
+    def __init__(self, location: Location):
+        self.loc = location
+        self.paths: list[str] = []          # every part ever indexed (positions stay stable)
+        self.live: dict[str, int] = {}      # part path -> position, for parts that exist now
+        self.rows: dict[int, int] = {}      # position -> row count
+        self.tmp: dict[str, datetime | None] = {}  # temp objects of writers (path -> modified)
+        self.keys = self._empty()
+
+    @classmethod
+    def load(cls, location: Location) -> "OutputIndex":
+        idx = cls(location)
+        idx.refresh()
+        return idx
+
+    @staticmethod
+    def _empty() -> pa.Table:
+        return pa.schema([*(_index_field(n) for n in INDEX_COLUMNS), pa.field("_part", pa.int32()),
+                          pa.field("_row", pa.int64())]).empty_table()
+
+    def list_parts(self) -> list[str]:
+        """One listing of the output folder: framescribe's own parts (`PART_RE`, sorted), and in `self.tmp`
+        its temp objects (`TMP_RE`) with their modification times (for `compact`'s stale-temp cleanup).
+        Other files in the folder (a user's) are never read, rewritten or deleted."""
+        fs, root = self.loc.fs, self.loc.root
+        fs.invalidate_cache(root)  # object stores: parts the workers wrote since the last listing
+        try:
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            entries = []
+        parts, self.tmp = [], {}
+        for e in entries:
+            path = e["name"].rstrip("/")
+            name = path.rsplit("/", 1)[-1]
+            if TMP_RE.fullmatch(name):
+                self.tmp[path] = _modified(e)
+            elif PART_RE.fullmatch(name) and e.get("type") != "directory":  # never a user's file
+                parts.append(path)
+        return sorted(parts)
+
+    def refresh(self) -> list[str]:
+        """List the output once; read the key columns of parts not indexed yet. Returns the new parts."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        now = self.list_parts()
+        gone = [p for p in self.live if p not in set(now)]
+        if gone:
+            self.forget(gone)
+        new = [p for p in now if p not in self.live]
+        if new:
+            with ThreadPoolExecutor(max_workers=_READERS) as pool:
+                tables = list(pool.map(lambda p: _part_keys(self.loc.fs, p), new))
+            self._add(new, tables)
+        return new
+
+    def _add(self, paths: list[str], tables: list[pa.Table]) -> None:
+        parts = [self.keys]
+        for path, t in zip(paths, tables):
+            i = len(self.paths)
+            self.paths.append(path)
+            self.live[path] = i
+            self.rows[i] = t.num_rows
+            parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, dtype=np.int32)))
+                         .append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+        self.keys = pa.concat_tables(parts, promote_options="permissive").unify_dictionaries()
+
+    def forget(self, paths: list[str]) -> None:
+        """Drop parts from the index (deleted by the caller)."""
+        drop = [self.live.pop(p) for p in paths if p in self.live]
+        if drop:
+            self.keys = self.keys.filter(pc.invert(pc.is_in(self.keys["_part"], pa.array(drop, pa.int32()))))
+
+    def add_part(self, path: str) -> None:
+        """Index a part this process just wrote (replacing an older entry of the same name)."""
+        self.forget([path])
+        self._add([path], [_part_keys(self.loc.fs, path)])
+
+    def delete_part(self, path: str) -> None:
+        self.loc.fs.rm_file(path)
+        self.forget([path])
+
+    def _done(self, labeling_hash: str, include_errors: bool, max_run_attempts: int | None) -> pa.Table:
+        t = self.keys.filter(pc.equal(self.keys["labeling_hash"].cast(pa.string()), labeling_hash))
+        if not include_errors:
+            t = t.filter(pc.equal(t["status"].cast(pa.string()), "ok"))
+        elif max_run_attempts is not None:  # retryable errors not tried often enough are not done
+            t = t.filter(pc.invert(retry_due(t, max_run_attempts)))
+        return t
+
+    def done_keys(self, labeling_hash: str, *, include_errors: bool,
+                  max_run_attempts: int | None = None) -> set[tuple[str, str]]:
+        """(video_id, prompt_id) pairs already committed for this labeling config (see `done_keys`)."""
+        t = self._done(labeling_hash, include_errors, max_run_attempts)
+        return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+
+    def retry_attempts(self, labeling_hash: str, max_run_attempts: int) -> dict[tuple[str, str], int]:
+        """(video_id, prompt_id) -> runs that tried it, for the retryable error rows the next run retries."""
+        t = self.keys.filter(pc.equal(self.keys["labeling_hash"].cast(pa.string()), labeling_hash))
+        t = t.filter(retry_due(t, max_run_attempts))
+        return {(v, p): int(a or 1) for v, p, a in zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist(),
+                                                        t["run_attempt"].to_pylist())}
+
+    def missing(self, inputs, labeling_hash: str, *, include_errors: bool,
+                max_run_attempts: int | None = None) -> np.ndarray:
+        """For each (video, prompt) of `inputs` in order (VideoInput.video_id, .prompts), True when no row
+        for this labeling config is committed yet (or it is a retryable error due for a retry, with
+        `max_run_attempts`). Membership is tested in Arrow, not in a Python set."""
+        t = self._done(labeling_hash, include_errors, max_run_attempts)
+        wanted = pa.array([v.video_id + pid for v in inputs for pid, _ in v.prompts], pa.string())
+        if t.num_rows == 0:
+            return np.ones(len(wanted), dtype=bool)
+        done = pc.binary_join_element_wise(t["video_id"], t["prompt_id"], "")
+        return np.logical_not(pc.is_in(wanted, value_set=done).to_numpy(zero_copy_only=False))
+
+    def rows_of_run(self, run_id: str, columns: list[str]) -> pa.Table:
+        """`columns` of the rows written by `run_id`: only the parts that hold such rows are read, with
+        the filter pushed down to the Parquet reader."""
+        import pyarrow.parquet as pq
+
+        mask = pc.equal(self.keys["run_id"].cast(pa.string()), run_id)
+        parts = sorted(set(self.keys.filter(mask)["_part"].to_pylist()))
+        tables = []
+        for i in parts:
+            with self.loc.fs.open(self.paths[i], "rb") as f:
+                tables.append(pq.read_table(f, columns=columns, filters=pc.field("run_id") == run_id))
+        schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
+        return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
 def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpoint: str | None = None,
@@ -148,36 +308,22 @@ def done_keys(output: str, labeling_hash: str, *, include_errors: bool, s3_endpo
 
     With `max_run_attempts`, a retryable error row tried by fewer runs than that is not done (see
     `retry_attempts`): the next run retries it by itself."""
-    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable", "run_attempt"],
-                  s3_endpoint=s3_endpoint, anon=anon)
-    t = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
-    if not include_errors:
-        t = t.filter(pc.equal(t["status"], "ok"))
-    elif max_run_attempts is not None:
-        t = t.filter(pc.invert(retry_due(t, max_run_attempts)))
-    return set(zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist()))
+    idx = OutputIndex.load(Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon))
+    return idx.done_keys(labeling_hash, include_errors=include_errors, max_run_attempts=max_run_attempts)
 
 
 def retry_due(t: pa.Table, max_run_attempts: int):
     """Mask: retryable error rows tried by fewer than `max_run_attempts` runs (rows of old versions: 1 run)."""
     attempts = pc.fill_null(t["run_attempt"], 1)
-    return pc.and_(pc.and_(pc.equal(t["status"], "error"), pc.fill_null(t["retryable"], False)),
+    return pc.and_(pc.and_(pc.equal(t["status"].cast(pa.string()), "error"), pc.fill_null(t["retryable"], False)),
                    pc.less(attempts, max_run_attempts))
 
 
 def retry_attempts(output: str, labeling_hash: str, max_run_attempts: int, *, s3_endpoint: str | None = None,
                    anon: bool = False) -> dict[tuple[str, str], int]:
     """(video_id, prompt_id) -> runs that tried it, for the retryable error rows the next run retries."""
-    t = read_rows(output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable", "run_attempt"],
-                  s3_endpoint=s3_endpoint, anon=anon)
-    t = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
-    t = t.filter(retry_due(t, max_run_attempts))
-    return {(v, p): int(a or 1) for v, p, a in zip(t["video_id"].to_pylist(), t["prompt_id"].to_pylist(),
-                                                    t["run_attempt"].to_pylist())}
-
-
-KEY_COLUMNS = ("video_id", "prompt_id", "labeling_hash")
-TMP_STALE_S = 3600.0  # a temp object older than this belongs to a writer that died
+    idx = OutputIndex.load(Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon))
+    return idx.retry_attempts(labeling_hash, max_run_attempts)
 
 
 @dataclass
@@ -186,6 +332,8 @@ class CompactionReport:
     parts_rewritten: int = 0      # parts replaced by a filtered copy (new deterministic name)
     parts_deleted: int = 0        # parts whose every row was a duplicate
     stale_tmp_removed: int = 0    # leftover `_tmp-*.inprogress` objects of killed writers
+    parts_merged: int = 0         # small parts merged into bigger ones
+    parts_written_by_merge: int = 0
 
 
 def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
@@ -195,105 +343,140 @@ def _read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
-def _remove_stale_tmp(fs, root: str, older_than_s: float) -> int:
+def _modified(entry: dict) -> datetime | None:
+    """Modification time of a listing entry (local: mtime; s3fs: LastModified), UTC."""
+    value = entry.get("mtime", entry.get("LastModified", entry.get("last_modified")))
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc)
+    return value if value.tzinfo else value.astimezone(timezone.utc)
+
+
+def _remove_stale_tmp(index: "OutputIndex", older_than_s: float) -> int:
     now, removed = datetime.now(timezone.utc), 0
-    for p in own_tmp(fs, root):
-        try:
-            modified = fs.modified(p)
-            if modified.tzinfo is None:
-                modified = modified.astimezone(timezone.utc)
-            if (now - modified).total_seconds() >= older_than_s:
-                fs.rm_file(p)
+    for path, modified in list(index.tmp.items()):
+        if modified is not None and (now - modified).total_seconds() >= older_than_s:
+            try:
+                index.loc.fs.rm_file(path)
                 removed += 1
-        except (FileNotFoundError, NotImplementedError):
-            continue
+            except FileNotFoundError:
+                pass
+            index.tmp.pop(path, None)
     return removed
 
 
 def compact_duplicates(output: str, *, s3_endpoint: str | None = None, anon: bool = False,
-                       stale_tmp_s: float = TMP_STALE_S) -> CompactionReport:
-    """Keep exactly one row per (video_id, prompt_id, labeling_hash) under `output`.
+                       stale_tmp_s: float = TMP_STALE_S, part_rows: int | None = None) -> CompactionReport:
+    """`compact` on a fresh index of `output` (one listing, one key-column read)."""
+    loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
+    if not loc.fs.exists(loc.root):
+        return CompactionReport()
+    return compact(OutputIndex.load(loc), stale_tmp_s=stale_tmp_s, part_rows=part_rows)
+
+
+def compact(index: OutputIndex, *, stale_tmp_s: float = TMP_STALE_S, part_rows: int | None = None
+            ) -> CompactionReport:
+    """Keep exactly one row per (video_id, prompt_id, labeling_hash); then, with `part_rows`, merge parts
+    smaller than half of it into parts of up to `part_rows` rows. `index` is kept up to date.
 
     Which row stays: an `ok` row over an `error` row, then the newest `created_at`, then (identical rows,
-    e.g. left by a compaction that was killed halfway) the one in the part with the greatest name.
-    Only parts holding a dropped row are touched: parts whose rows all go are deleted first; then each
-    remaining affected part is rewritten atomically under the deterministic name of its kept rows
-    (`write_part`: temp object + rename) and only after that the old part is deleted. A crash at any
-    point leaves every key with at least one row, and the next call finishes the job. Temp objects of
-    dead writers older than `stale_tmp_s` are removed too. Not safe while another run writes to `output`.
+    e.g. left by a compaction or merge that was killed halfway) the one in the bigger part, then the part
+    with the greatest name. Only parts holding a dropped row are touched: parts whose rows all go are
+    deleted first; then each remaining affected part is rewritten atomically under the deterministic name
+    of its kept rows (`write_part`: temp object + rename) and only after that the old part is deleted.
+    A merge writes the merged part first and deletes its sources after. A crash at any point leaves every
+    key with at least one row, and the next call finishes the job. Temp objects of dead writers older
+    than `stale_tmp_s` are removed too. Not safe while another run writes to the output.
     """
-    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
-    fs.invalidate_cache(root)  # s3fs lists from a cache: the workers' parts must be seen
     report = CompactionReport()
-    if not fs.exists(root):
-        return report
-    report.stale_tmp_removed = _remove_stale_tmp(fs, root, stale_tmp_s)
-    parts = own_parts(fs, root)  # never a user's file
-    if len(parts) == 0:
-        return report
-    tables, allrows = _keyed_rows(fs, parts)
-    drop = _rows_to_drop(allrows, parts)
-    report.duplicates_removed = sum(len(v) for v in drop.values())
-    _remove_rows(fs, output, parts, tables, drop, report, s3_endpoint=s3_endpoint, anon=anon)
+    report.stale_tmp_removed = _remove_stale_tmp(index, stale_tmp_s)
+    _drop_duplicates(index, report)
+    if part_rows:
+        _merge_small_parts(index, part_rows, report)
     return report
 
 
-def _keyed_rows(fs, parts: list[str]) -> tuple[list[pa.Table], pa.Table]:
-    """Each part's key columns, and all of them in one table tagged with (part index, row index)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cols = [*KEY_COLUMNS, "status", "created_at"]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(lambda p: _read_part(fs, p, cols), parts))
-    keyed = []
-    for i, t in enumerate(tables):
-        t = conform(t).select(cols)
-        keyed.append(t.append_column("_part", pa.array([i] * t.num_rows, pa.int32()))
-                      .append_column("_row", pa.array(range(t.num_rows), pa.int64())))
-    return tables, pa.concat_tables(keyed)
-
-
-def _rows_to_drop(allrows: pa.Table, parts: list[str]) -> dict[int, set[int]]:
-    """{part index: row indices} of every row but the best one of each duplicated key."""
-    counts = allrows.group_by(list(KEY_COLUMNS)).aggregate([("_row", "count")])
-    dup_keys = counts.filter(pc.greater(counts["_row_count"], 1)).select(list(KEY_COLUMNS))
+def _drop_duplicates(index: OutputIndex, report: CompactionReport) -> None:
+    keys = index.keys
+    if keys.num_rows == 0:
+        return
+    plain = pa.table({"video_id": keys["video_id"], "prompt_id": keys["prompt_id"],
+                      "labeling_hash": keys["labeling_hash"].cast(pa.string())})
+    counts = plain.group_by(list(KEY_COLUMNS)).aggregate([([], "count_all")])
+    dup_keys = counts.filter(pc.greater(counts["count_all"], 1)).select(list(KEY_COLUMNS))
     if dup_keys.num_rows == 0:
-        return {}
+        return
+    allrows = plain.append_column("status", keys["status"].cast(pa.string())) \
+        .append_column("created_at", keys["created_at"]).append_column("_part", keys["_part"]) \
+        .append_column("_row", keys["_row"])
     dups = allrows.join(dup_keys, keys=list(KEY_COLUMNS), join_type="inner")
+
     never = datetime.min.replace(tzinfo=timezone.utc)
     best: dict[tuple, tuple] = {}
     members: dict[tuple, list[tuple[int, int]]] = {}
     for r in dups.to_pylist():
         key = tuple(r[k] for k in KEY_COLUMNS)
-        rank = (r["status"] == "ok", r["created_at"] or never, parts[r["_part"]], r["_row"])
-        members.setdefault(key, []).append((r["_part"], r["_row"]))
+        i = r["_part"]
+        rank = (r["status"] == "ok", r["created_at"] or never, index.rows[i], index.paths[i], r["_row"])
+        members.setdefault(key, []).append((i, r["_row"]))
         if key not in best or rank > best[key]:
-            best[key] = rank
+            best[key] = (*rank, i)
     drop: dict[int, set[int]] = {}
     for key, rows in members.items():
-        keep = (parts.index(best[key][2]), best[key][3])
+        keep = (best[key][-1], best[key][-2])
         for part_row in rows:
             if part_row != keep:
                 drop.setdefault(part_row[0], set()).add(part_row[1])
-    return drop
+    report.duplicates_removed = sum(len(v) for v in drop.values())
 
-
-def _remove_rows(fs, output: str, parts: list[str], tables: list[pa.Table], drop: dict[int, set[int]],
-                 report: CompactionReport, *, s3_endpoint: str | None, anon: bool) -> None:
-    """Delete parts whose rows all go, then rewrite the others atomically without their dropped rows."""
-    emptied = [i for i, rows in drop.items() if len(rows) == tables[i].num_rows]
+    emptied = [i for i, rows in drop.items() if len(rows) == index.rows[i]]
     for i in emptied:  # first: a rewrite below may take the name of one of these parts
-        fs.rm_file(parts[i])
+        index.delete_part(index.paths[i])
         report.parts_deleted += 1
     for i, rows in sorted(drop.items()):
         if i in emptied:
             continue
-        full = conform(_read_part(fs, parts[i]))
+        old = index.paths[i]
+        full = conform(_read_part(index.loc.fs, old))
         mask = pa.array([j not in rows for j in range(full.num_rows)])
-        new_path = write_part(full.filter(mask), output, s3_endpoint=s3_endpoint, anon=anon)
-        if basename(new_path) != basename(parts[i]):
-            fs.rm_file(parts[i])
+        new_path = write_part(full.filter(mask), index.loc.uri, location=index.loc)
+        if _name(new_path) != _name(old):
+            index.delete_part(old)
+        index.add_part(new_path)
         report.parts_rewritten += 1
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _merge_small_parts(index: OutputIndex, part_rows: int, report: CompactionReport) -> None:
+    """Merge parts under half of `part_rows` rows into parts of up to `part_rows` rows (in name order)."""
+    small = sorted((p for p, i in index.live.items() if index.rows[i] < part_rows // 2))
+    groups, group, n = [], [], 0
+    for p in small:
+        rows = index.rows[index.live[p]]
+        if group and n + rows > part_rows:
+            groups.append(group)
+            group, n = [], 0
+        group.append(p)
+        n += rows
+    groups.append(group)
+    from concurrent.futures import ThreadPoolExecutor
+
+    for group in groups:
+        if len(group) < 2:
+            continue
+        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+            tables = list(pool.map(lambda p: conform(_read_part(index.loc.fs, p)), group))
+        new_path = write_part(pa.concat_tables(tables), index.loc.uri, location=index.loc)
+        sources = [p for p in group if _name(p) != _name(new_path)]
+        index.loc.fs.rm(sources)  # only after the merged part is committed; one bulk delete on S3
+        index.forget(sources)
+        index.add_part(new_path)
+        report.parts_merged += len(group)
+        report.parts_written_by_merge += 1
 
 
 def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, key_for_uri,
@@ -305,7 +488,8 @@ def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, ke
     Returns the number of rows migrated. Rows of other configs are left as they are."""
     from pipeline.discover import video_id_for
 
-    fs, root = get_fs(output, s3_endpoint=s3_endpoint, anon=anon)
+    loc = Location.resolve(output, s3_endpoint=s3_endpoint, anon=anon)
+    fs, root = loc.fs, loc.root
     migrated = 0
     for part in own_parts(fs, root):
         head = _read_part(fs, part, ["labeling_hash"])
@@ -322,13 +506,14 @@ def migrate_legacy_rows(output: str, *, legacy_hash: str, labeling_hash: str, ke
                 changed += 1
         if not changed:
             continue
-        new_path = write_part(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), output,
-                              s3_endpoint=s3_endpoint, anon=anon)
+        new_path = write_part(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), output, location=loc)
         if basename(new_path) != basename(part):
             fs.rm_file(part)
         migrated += changed
     return migrated
 
 
-__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet", "basename", "AtomicParquetSink", "read_rows", "done_keys", "retry_attempts", "write_part", "conform",
-           "storage_options", "STATE_DIR", "compact_duplicates", "CompactionReport"]
+__all__ = ["migrate_legacy_rows", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "own_parts", "own_tmp", "foreign_parquet",
+           "basename", "read_rows", "done_keys", "retry_due", "retry_attempts", "write_part", "conform",
+           "storage_options", "STATE_DIR", "compact_duplicates", "compact", "CompactionReport", "OutputIndex",
+           "PART_ROWS", "CHECKPOINT_ROWS", "arrow_fs"]

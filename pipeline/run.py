@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 import uuid
 import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
-import pyarrow.compute as pc
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import ConfigError, RunConfig
 from pipeline.discover import VIDEO_EXTENSIONS, VideoInput, discover_inputs
-from pipeline.output import (SCHEMA_VERSION, STATE_DIR, AtomicParquetSink, compact_duplicates, foreign_parquet,
-                             migrate_legacy_rows, own_parts, own_tmp, read_rows, retry_attempts, retry_due)
-from pipeline.storage import check_bucket, check_local_writable, get_fs, join, storage_options
+from pipeline.output import (CHECKPOINT_ROWS, SCHEMA_VERSION, STATE_DIR, CompactionReport, OutputIndex, compact,
+                             foreign_parquet, migrate_legacy_rows)
+from pipeline.storage import Location, check_bucket, check_local_writable, join, storage_options
 
 
 @dataclass
@@ -36,6 +36,7 @@ class RunSummary:
     seconds: float = 0.0
     error_types: dict = field(default_factory=dict)
     duplicates_removed: int = 0      # rows dropped by compaction (start + end of the run): one row per key
+    log_file: str = ""               # Ray's logs and warnings of this run
     other_configs: dict = field(default_factory=dict)  # labeling_hash -> rows of other labeling configs in the output
     notices: list = field(default_factory=list)        # what the run said at its start (also printed to stderr)
 
@@ -94,9 +95,27 @@ def _decode_record(row: dict, *, spec, timeout_s: float, s3_endpoint: str | None
 
 @dataclass
 class OutputState:
-    done: set                       # (video_id, prompt_id) already committed for this labeling config
+    index: OutputIndex              # one listing + one key-column read of the output (after --overwrite, migration)
     other_configs: dict             # labeling_hash -> rows of other configs already in the output
     notices: list[str]              # what the user should know before the work starts
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, known before Ray starts (also what `--dry-run` prints)."""
+    inputs: list[VideoInput]
+    todo: list[VideoInput]
+    index: OutputIndex
+    n_videos: int                    # distinct videos found (a URI listed twice is one video)
+    duplicates_removed: int = 0
+    limited_from: int | None = None  # videos to do before --limit
+    run_attempts: dict = field(default_factory=dict)   # video_id -> run attempt of its rows (retried retryable errors)
+    other_configs: dict = field(default_factory=dict)
+    notices: list = field(default_factory=list)
+
+    @property
+    def rows_todo(self) -> int:
+        return sum(len(v.prompts) for v in self.todo)
 
 
 def notice(notices: list[str], message: str) -> None:
@@ -130,67 +149,71 @@ def preflight(cfg: RunConfig, *, empty_ok: bool = False) -> tuple[RunConfig, lis
 
 
 def prepare_output(cfg: RunConfig) -> OutputState:
-    """Under the output's lease: what is already done, --overwrite, migration of old rows.
+    """Under the output's lease (a dry run: without it, read only): --overwrite, migration of old rows; then
+    one listing and one key-column read of the output (`OutputIndex`) serve resume, compaction and the summary.
 
     The output folder is the user's: only framescribe's parts (`part-<hex>.parquet`), its temp objects and
     its state folder are ever read, rewritten or deleted. A folder holding other Parquet files is refused
     (they would mix into any reader's dataset), other files are left alone."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     notices: list[str] = []
     labeling_hash = cfg.labeling_hash()
     try:
-        fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-        fs.makedirs(root, exist_ok=True)
+        out = Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+        fs, root = out.fs, out.root
+        if not cfg.dry_run:
+            fs.makedirs(root, exist_ok=True)
         fs.invalidate_cache(root)
-        foreign = foreign_parquet(fs, root)
+        foreign = foreign_parquet(fs, root) if fs.exists(root) else []
         if foreign:
             raise ConfigError(f"output: {cfg.output!r} holds Parquet files framescribe did not write, e.g. "
                               f"{foreign[0]!r}; framescribe never touches them and they would mix into the "
                               f"dataset: move them or choose another --output")
         if cfg.overwrite:
-            parts = own_parts(fs, root)
-            hashes = read_rows(cfg.output, columns=["labeling_hash"], s3_endpoint=cfg.s3_endpoint,
-                               anon=cfg.anon)["labeling_hash"].value_counts().to_pylist() if parts else []
-            for p in parts + own_tmp(fs, root):
-                fs.rm_file(p)
-            if parts:
-                rows = sum(h["counts"] for h in hashes)
-                others = [h for h in hashes if h["values"] != labeling_hash]
-                notice(notices, f"--overwrite removed {len(parts)} part(s) with {rows} rows from {cfg.output}"
-                       + (f", {sum(h['counts'] for h in others)} of them of {len(others)} other labeling "
-                          f"config(s) ({', '.join(str(h['values']) for h in others)})" if others else "")
-                       + "; other files there were left alone")
+            if not cfg.dry_run:
+                old = OutputIndex.load(out)  # framescribe's own parts and temp objects only
+                parts = sorted(old.live)
+                hashes = old.keys["labeling_hash"].cast(pa.string()).value_counts().to_pylist() if parts else []
+                for p in parts + sorted(old.tmp):
+                    fs.rm_file(p)
+                if parts:
+                    rows = sum(h["counts"] for h in hashes)
+                    others = [h for h in hashes if h["values"] != labeling_hash]
+                    notice(notices, f"--overwrite removed {len(parts)} part(s) with {rows} rows from {cfg.output}"
+                           + (f", {sum(h['counts'] for h in others)} of them of {len(others)} other labeling "
+                              f"config(s) ({', '.join(str(h['values']) for h in others)})" if others else "")
+                           + "; other files there were left alone")
+            index = OutputIndex(out)
         else:
-            migrated = migrate_legacy_rows(cfg.output, legacy_hash=cfg.legacy_labeling_hash(),
-                                           labeling_hash=labeling_hash, key_for_uri=_key_for_uri(cfg),
-                                           s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-            if migrated:
-                notice(notices, f"migrated {migrated} rows written by an earlier framescribe for this labeling "
-                       f"config to schema version {SCHEMA_VERSION} (labeling_hash {labeling_hash})")
-        fs.makedirs(join(root, STATE_DIR), exist_ok=True)
-        fs.pipe_file(join(root, STATE_DIR, "schema.json"), json.dumps(
-            {"schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
-             "note": "rows with a null schema_version were written by framescribe 0.1.0 (schema version 1)"},
-            indent=2).encode())
-        t = read_rows(cfg.output, columns=["video_id", "prompt_id", "labeling_hash", "status", "retryable",
-                                                   "run_attempt"],
-                      s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+            if not cfg.dry_run:
+                migrated = migrate_legacy_rows(cfg.output, legacy_hash=cfg.legacy_labeling_hash(),
+                                               labeling_hash=labeling_hash, key_for_uri=_key_for_uri(cfg),
+                                               s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+                if migrated:
+                    notice(notices, f"migrated {migrated} rows written by an earlier framescribe for this labeling "
+                           f"config to schema version {SCHEMA_VERSION} (labeling_hash {labeling_hash})")
+            index = OutputIndex.load(out)
+        if not cfg.dry_run:
+            fs.makedirs(join(root, STATE_DIR), exist_ok=True)
+            fs.pipe_file(join(root, STATE_DIR, "schema.json"), json.dumps(
+                {"schema_version": SCHEMA_VERSION, "pipeline_version": __version__,
+                 "note": "rows with a null schema_version were written by framescribe 0.1.0 (schema version 1)"},
+                indent=2).encode())
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"output: cannot use {cfg.output!r}: {type(e).__name__}: {e}") from None
-    mine = t.filter(pc.equal(t["labeling_hash"], labeling_hash))
-    # errors count as done, except retryable ones tried by fewer than max_run_attempts runs (retried by themselves)
-    done_rows = (mine.filter(pc.equal(mine["status"], "ok")) if cfg.retry_errors
-                 else mine.filter(pc.invert(retry_due(mine, cfg.max_run_attempts))))
-    done = set(zip(done_rows["video_id"].to_pylist(), done_rows["prompt_id"].to_pylist()))
-    others = t.filter(pc.invert(pc.equal(t["labeling_hash"], labeling_hash)))
-    other_configs = {h["values"]: h["counts"] for h in others["labeling_hash"].value_counts().to_pylist()}
+    hashes = index.keys["labeling_hash"].cast(pa.string())
+    others = hashes.filter(pc.not_equal(hashes, labeling_hash))
+    other_configs = {h["values"]: h["counts"] for h in others.value_counts().to_pylist()}
     if other_configs:
         notice(notices, f"{cfg.output} already holds {sum(other_configs.values())} rows of {len(other_configs)} "
                f"other labeling config(s) ({', '.join(other_configs)}); this run's rows have labeling_hash "
                f"{labeling_hash}. Read one config with: pyarrow.dataset.dataset(OUT).to_table(filter="
                f"pyarrow.compute.field('labeling_hash') == '{labeling_hash}')")
-    return OutputState(done, other_configs, notices)
+    return OutputState(index, other_configs, notices)
 
 
 def _key_for_uri(cfg: RunConfig):
@@ -205,10 +228,113 @@ def _key_for_uri(cfg: RunConfig):
     return key
 
 
+def todo_from(inputs: list[VideoInput], index: OutputIndex, labeling_hash: str, *,
+              include_errors: bool, max_run_attempts: int | None = None) -> list[VideoInput]:
+    """The videos with (video, prompt) pairs not committed yet for this labeling config (resume). Errors count
+    as done (with `include_errors`), except retryable ones tried by fewer than `max_run_attempts` runs."""
+    missing = index.missing(inputs, labeling_hash, include_errors=include_errors, max_run_attempts=max_run_attempts)
+    if not missing.any():  # a finished job: nothing to walk through
+        return []
+    todo: dict[str, VideoInput] = {}
+    k = 0
+    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
+        flags = missing[k:k + len(v.prompts)]
+        k += len(v.prompts)
+        if not flags.any() and v.video_id not in todo:
+            continue
+        pairs = [pp for pp, m in zip(v.prompts, flags) if m]
+        if v.video_id in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
+            have = {pid for pid, _ in todo[v.video_id].prompts}
+            todo[v.video_id].prompts.extend(pp for pp in pairs if pp[0] not in have)
+        else:
+            todo[v.video_id] = VideoInput(v.uri, pairs, v.key, v.reference)
+    return list(todo.values())
+
+
+def plan_run(cfg: RunConfig, inputs: list[VideoInput]) -> RunPlan:
+    """After preflight: index the output (after --overwrite / migration), heal it (compaction), and work out
+    the (video, prompt) pairs still to do."""
+    state = prepare_output(cfg)
+    index = state.index
+    labeling_hash = cfg.labeling_hash()
+    # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
+    dups = 0 if (cfg.overwrite or cfg.dry_run) else _compact(cfg, index, before_run=True).duplicates_removed
+    todo = todo_from(inputs, index, labeling_hash, include_errors=not cfg.retry_errors,
+                     max_run_attempts=cfg.max_run_attempts)
+    plan = RunPlan(inputs=inputs, todo=todo, index=index, n_videos=len({v.video_id for v in inputs}),
+                   duplicates_removed=dups, other_configs=state.other_configs, notices=state.notices)
+    if cfg.limit is not None and len(plan.todo) > cfg.limit:
+        plan.limited_from = len(plan.todo)
+        plan.todo = plan.todo[:cfg.limit]
+    if plan.todo and not cfg.overwrite:
+        # retryable rows retried by this run: their rows count one more run attempt
+        for (vid, _pid), n in index.retry_attempts(labeling_hash, cfg.max_run_attempts).items():
+            plan.run_attempts[vid] = max(plan.run_attempts.get(vid, 1), n + 1)
+    return plan
+
+
+@dataclass
+class Estimate:
+    sample: int = 0                         # to-do videos decoded as a sample
+    decode_s_per_video: float | None = None
+    previous_videos_per_s: float | None = None  # from the latest earlier run's summary in the state folder
+    eta_s: float | None = None
+
+
+def estimate(cfg: RunConfig, plan: RunPlan, *, sample: int = 3) -> Estimate:
+    """Time estimate for a dry run: decode a few to-do videos here (no Ray, no model), and take the rate
+    of the latest earlier run on this output when there is one (that includes the model)."""
+    from pipeline.decode import DecodeError, SamplingSpec, decode_video
+
+    est = Estimate()
+    spec = SamplingSpec.from_config(cfg)
+    times = []
+    for v in plan.todo[:sample]:
+        t = time.perf_counter()
+        try:
+            fs = Location.resolve(v.uri, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon).fs
+            decode_video(v.uri, spec, filesystem=fs)
+        except DecodeError:
+            pass  # a failing file costs its time too
+        times.append(time.perf_counter() - t)
+    if times:
+        est.sample, est.decode_s_per_video = len(times), sum(times) / len(times)
+    out = plan.index.loc
+    try:
+        states = sorted(out.fs.glob(out.path(STATE_DIR, "run-*.json")))
+        rates = [json.loads(out.fs.cat_file(p)).get("videos_per_s") for p in states[-5:]]
+        rates = [r for r in rates if r]
+        est.previous_videos_per_s = rates[-1] if rates else None
+    except Exception:
+        pass
+    if est.previous_videos_per_s:
+        est.eta_s = len(plan.todo) / est.previous_videos_per_s
+    elif est.decode_s_per_video is not None:  # decode only: a lower bound (one CPU, no model time)
+        est.eta_s = len(plan.todo) * est.decode_s_per_video
+    return est
+
+
 def _gpu_count() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+MAX_INPUT_BLOCKS = 2000  # small blocks early: decode starts at once and a slow file holds back few others
+
+
+def input_blocks(todo: list[VideoInput], run_attempts: dict[str, int] | None = None) -> list:
+    """The to-do list as Arrow tables, one per input block: columns, not a Python dict per video
+    (at 10^6 videos ~150 MB of Arrow instead of ~1 GB of dicts), up to MAX_INPUT_BLOCKS blocks."""
+    import pyarrow as pa
+
+    run_attempts = run_attempts or {}
+    table = pa.table({"video_id": [v.video_id for v in todo], "uri": [v.uri for v in todo],
+                      "prompts": [json.dumps(v.prompts) for v in todo],
+                      "reference": pa.array([v.reference for v in todo], pa.string()),
+                      "run_attempt": pa.array([run_attempts.get(v.video_id, 1) for v in todo], pa.int64())})
+    rows = max(1, -(-len(todo) // MAX_INPUT_BLOCKS))
+    return [table.slice(i, rows) for i in range(0, len(todo), rows)] or [table]
 
 
 def attempts_root(cfg: RunConfig, labeling_hash: str) -> str:
@@ -230,21 +356,18 @@ def model_task_retries(cfg: RunConfig) -> int:
 
 
 def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_hash: str,
-                  run_attempts: dict[str, int] | None = None):
+                  run_attempts: dict[str, int] | None = None, *, progress_counter=None):
     """The lazy Ray Data graph (nothing runs until it is written)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from actors.captioner import VideoCaptioner
+    from pipeline.progress import counting
     from actors.splice import PruneSpec
     from iwp import IWPSettings
     from pipeline.decode import SamplingSpec
 
-    run_attempts = run_attempts or {}
-    items = [{"video_id": v.video_id, "uri": v.uri, "prompts": json.dumps(v.prompts), "reference": v.reference,
-              "run_attempt": run_attempts.get(v.video_id, 1)} for v in todo]
-    # small blocks early: decode starts at once and a slow file holds back few others
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
+    ds = ray.data.from_arrow(input_blocks(todo, run_attempts))
     # Decode runs in its own CPU tasks, never inside the model actor: its declared memory differs from the
     # model stage's resources, which Ray Data never fuses (tests/test_reliability.py checks the plan).
     # The memory reservation keeps a node from starting more decodes than it can hold.
@@ -266,7 +389,7 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
         # (removal announced for 2.64, hence ray<2.64 in pyproject.toml); without them it retries forever.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         ds = ds.map_batches(
-            VideoCaptioner, batch_format="pyarrow", batch_size=cfg.batch_size,
+            counting(VideoCaptioner), batch_format="pyarrow", batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.concurrency), num_gpus=gpus, num_cpus=0 if gpus else 1,
             max_restarts=-1, max_task_retries=model_task_retries(cfg),
             fn_constructor_kwargs=dict(model=cfg.model, prune=prune, max_new_tokens=cfg.max_new_tokens,
@@ -280,7 +403,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                        attempts_storage_options=storage_options(
                                            cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
                                        max_crashes=cfg.model_retries,
-                                       skip_threshold=cfg.skip_threshold()))
+                                       skip_threshold=cfg.skip_threshold(),
+                                       progress_counter=progress_counter))
     return ds
 
 
@@ -291,12 +415,10 @@ def clear_attempts(cfg: RunConfig, labeling_hash: str) -> None:
                   storage_options(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)).clear()
 
 
-def summarize(cfg: RunConfig, run_id: str, labeling_hash: str, n_total: int, n_skipped: int,
-              seconds: float) -> RunSummary:
-    t = read_rows(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
-                  columns=["video_id", "status", "error_type", "frames_sampled", "visual_tokens_full",
-                           "visual_tokens_kept", "run_id", "prompt_id"])
-    t = t.filter(pc.equal(t["run_id"], run_id))
+def summarize(cfg: RunConfig, index: OutputIndex, run_id: str, labeling_hash: str, n_total: int,
+              n_skipped: int, seconds: float) -> RunSummary:
+    t = index.rows_of_run(run_id, ["video_id", "status", "error_type", "frames_sampled", "visual_tokens_full",
+                                   "visual_tokens_kept"])
     s = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash, videos_total=n_total,
                    videos_skipped=n_skipped, rows=t.num_rows, seconds=seconds)
     per_video: dict[str, dict] = {}
@@ -336,20 +458,65 @@ def run_record(cfg: RunConfig, summary: RunSummary, *, status: str, exit_code: i
 
 
 def write_state(cfg: RunConfig, record: dict) -> None:
-    fs, root = get_fs(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-    fs.makedirs(join(root, STATE_DIR), exist_ok=True)
-    fs.pipe_file(join(root, STATE_DIR, f"run-{record['run_id']}.json"),
-                 json.dumps(record, indent=2, default=str).encode())
+    out = Location.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
+    out.fs.makedirs(out.path(STATE_DIR), exist_ok=True)
+    out.fs.pipe_file(out.path(STATE_DIR, f"run-{record['run_id']}.json"),
+                     json.dumps(record, indent=2, default=str).encode())
 
 
-def _compact(cfg: RunConfig, *, before_run: bool) -> int:
-    """Compaction of the output (see `compact_duplicates`); returns the number of rows dropped."""
+def _compact(cfg: RunConfig, index: OutputIndex, *, before_run: bool) -> CompactionReport:
+    """Compaction of the output (see `compact`): duplicates before the run; after it, small parts too."""
     try:
-        return compact_duplicates(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon).duplicates_removed
+        return compact(index, part_rows=None if before_run else cfg.part_rows)
     except Exception as e:
         if not before_run:
             raise
         raise ConfigError(f"output: cannot compact {cfg.output!r}: {type(e).__name__}: {e}") from None
+
+
+def log_path_for(cfg: RunConfig, out: Location, run_id: str) -> Path:
+    """Where the run's log file is written: in the output's state folder when the output is local disk,
+    else in a local temp folder (uploaded to the state folder at the end)."""
+    if not out.remote:
+        return Path(out.root) / STATE_DIR / "logs" / f"run-{run_id}.log"
+    return Path(tempfile.gettempdir()) / "framescribe-logs" / f"run-{run_id}.log"
+
+
+def _label(cfg: RunConfig, plan: RunPlan, run_id: str, labeling_hash: str, console, address: str | None) -> None:
+    """The Ray part of a run: the dataset is written while a progress display follows it."""
+    import ray
+
+    from pipeline.progress import ProgressCounter, ProgressDisplay
+    from pipeline.sink import AtomicParquetSink
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False if address == "local" else None,
+                 log_to_driver=cfg.verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
+    clear_attempts(cfg, labeling_hash)  # crashes of an earlier (killed) run do not count against this one
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    ds = build_dataset(cfg, plan.todo, run_id, labeling_hash, plan.run_attempts, progress_counter=counter)
+    prompts = {len(v.prompts) for v in plan.todo}
+    unit = "videos" if prompts == {1} else "labels (video x prompt)"
+    with ProgressDisplay(lambda: ray.get(counter.get.remote(), timeout=5), plan.rows_todo, unit,
+                         stream=console.console, live=console.is_tty and not cfg.verbose):
+        ds.write_datasink(AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon,
+                                            checkpoint_rows=min(cfg.part_rows, CHECKPOINT_ROWS)))
+    ray.kill(counter)
+    clear_attempts(cfg, labeling_hash)
+
+
+def _keep_log(out: Location, log_path: Path) -> str:
+    """The log file's final place: uploaded to the output's state folder when that is object storage."""
+    if not out.remote or not log_path.is_file():
+        return str(log_path) if log_path.is_file() else ""
+    try:
+        dest = out.path(STATE_DIR, "logs", log_path.name)
+        out.fs.put_file(str(log_path), dest)
+        log_path.unlink()  # the temp copy: the object is the log now
+        return f"{out.uri.split('://', 1)[0]}://{dest}"
+    except Exception:  # losing the upload must not fail a finished run; the local copy stays
+        return str(log_path)
 
 
 def output_lease(cfg: RunConfig, log=print):
@@ -361,8 +528,9 @@ def output_lease(cfg: RunConfig, log=print):
 
 
 def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, lease=None, log=print,
-                 empty_ok: bool = False) -> RunSummary:
+                 empty_ok: bool = False) -> RunSummary | RunPlan:
     """Run a labeling job end to end; returns the summary (raises ConfigError before any Ray work).
+    With `dry_run`, returns the `RunPlan` and labels nothing (no lease, nothing written).
 
     The run holds the output's lease from before its first write to after its last: pass `lease` when the
     caller already holds it (jobs.incremental); else it is taken here (LeaseHeld when another run has it).
@@ -376,6 +544,8 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, leas
     address = None if ray.is_initialized() else resolve_address(cfg.address)  # fails fast, before any work
     cfg, discovered = preflight(cfg, empty_ok=empty_ok)
     inputs = discovered if inputs is None else inputs
+    if cfg.dry_run:
+        return plan_run(cfg, inputs)
     if lease is not None:
         return _run_held(cfg, inputs, t0, started_at, address)
     with ExitStack() as held:
@@ -389,16 +559,30 @@ def run_pipeline(cfg: RunConfig, *, inputs: list[VideoInput] | None = None, leas
 def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: datetime,
               address: str | None) -> RunSummary:
     """Under the lease: prepare the output, label, record how the run ended in run-<run_id>.json."""
+    from pipeline.progress import ConsoleRoute
+
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     labeling_hash = cfg.labeling_hash()
-    state = prepare_output(cfg)
+    plan = plan_run(cfg, inputs)
+    index, out = plan.index, plan.index.loc
     partial = RunSummary(run_id=run_id, output=cfg.output, labeling_hash=labeling_hash,
-                         other_configs=state.other_configs, notices=state.notices)
+                         other_configs=plan.other_configs, notices=plan.notices)
+    log_path = log_path_for(cfg, out, run_id)
+    log_file = ""
     try:
-        summary = _label(cfg, inputs, state.done, run_id, labeling_hash, t0, address)
+        if plan.todo:  # a run with nothing to do starts no Ray
+            try:
+                with ConsoleRoute(log_path, verbose=cfg.verbose) as console:
+                    _label(cfg, plan, run_id, labeling_hash, console, address)
+            finally:
+                log_file = _keep_log(out, log_path)
+            index.refresh()  # one more listing: only the parts this run wrote are read
+        report = _compact(cfg, index, before_run=False)  # retried tasks, --retry-errors: one row per key
+        skipped = plan.n_videos - (plan.limited_from or len(plan.todo))  # --limit leaves the rest to do, not skipped
+        summary = summarize(cfg, index, run_id, labeling_hash, plan.n_videos, skipped, time.perf_counter() - t0)
     except BaseException as e:  # the record says how the run ended, then the error goes on
         interrupted = isinstance(e, KeyboardInterrupt)
-        partial.seconds = time.perf_counter() - t0
+        partial.seconds, partial.log_file = time.perf_counter() - t0, log_file
         try:
             write_state(cfg, run_record(cfg, partial, status="interrupted" if interrupted else "failed",
                                         exit_code=130 if interrupted else 1, started_at=started_at,
@@ -406,46 +590,12 @@ def _run_held(cfg: RunConfig, inputs: list[VideoInput], t0: float, started_at: d
         except Exception:
             pass
         raise
-    summary.other_configs, summary.notices = state.other_configs, state.notices
+    summary.duplicates_removed = plan.duplicates_removed + report.duplicates_removed
+    summary.log_file = log_file
+    summary.other_configs, summary.notices = plan.other_configs, plan.notices
     exceeded = summary.error_ratio > cfg.max_error_ratio
     write_state(cfg, run_record(cfg, summary, status="error_ratio_exceeded" if exceeded else "ok",
                                 exit_code=3 if exceeded else 0, started_at=started_at))
     if exceeded:
         raise ErrorRatioExceeded(summary, cfg.max_error_ratio)
-    return summary
-
-
-def _label(cfg: RunConfig, inputs: list[VideoInput], done: set, run_id: str, labeling_hash: str,
-           t0: float, address: str | None) -> RunSummary:
-    import ray
-
-    # exactly once: heal duplicates a killed run (or a killed compaction) may have left, before Ray starts
-    dups = 0 if cfg.overwrite else _compact(cfg, before_run=True)
-    todo: dict[str, VideoInput] = {}
-    for v in inputs:  # resume: only the (video, prompt) pairs not committed yet for this labeling config
-        missing = [(pid, p) for pid, p in v.prompts if (v.video_id, pid) not in done]
-        if v.video_id in todo:  # the same URI listed twice (manifest): one row per (video, prompt)
-            have = {pid for pid, _ in todo[v.video_id].prompts}
-            todo[v.video_id].prompts.extend((pid, p) for pid, p in missing if pid not in have)
-        elif missing:
-            todo[v.video_id] = VideoInput(v.uri, missing, v.key, v.reference)
-    todo = list(todo.values())
-    if todo:
-        # retryable rows retried by this run: their rows count one more run attempt
-        prior = {} if cfg.overwrite else retry_attempts(cfg.output, labeling_hash, cfg.max_run_attempts,
-                                                        s3_endpoint=cfg.s3_endpoint, anon=cfg.anon)
-        run_attempts: dict[str, int] = {}
-        for (vid, _pid), n in prior.items():
-            run_attempts[vid] = max(run_attempts.get(vid, 1), n + 1)
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False if address == "local" else None,
-                     log_to_driver=True)
-        clear_attempts(cfg, labeling_hash)  # crashes of an earlier (killed) run do not count against this one
-        build_dataset(cfg, todo, run_id, labeling_hash, run_attempts).write_datasink(
-            AtomicParquetSink(cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon))
-        clear_attempts(cfg, labeling_hash)
-        dups += _compact(cfg, before_run=False)  # --retry-errors rows, retried tasks: one row per key
-    n_videos = len({v.video_id for v in inputs})  # a URI listed twice is one video
-    summary = summarize(cfg, run_id, labeling_hash, n_videos, n_videos - len(todo), time.perf_counter() - t0)
-    summary.duplicates_removed = dups
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -43,6 +44,26 @@ def get_fs(uri: str, *, s3_endpoint: str | None = None, anon: bool = False):
     """(filesystem, path without protocol) for a local path, file://, s3:// or any fsspec URL."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, s3_endpoint=s3_endpoint, anon=anon))
     return fs, path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A location (input, output, model) resolved once: its URI, fsspec filesystem and root path."""
+    uri: str
+    fs: Any
+    root: str
+
+    @classmethod
+    def resolve(cls, uri: str, *, s3_endpoint: str | None = None, anon: bool = False) -> "Location":
+        fs, root = get_fs(uri, s3_endpoint=s3_endpoint, anon=anon)
+        return cls(uri, fs, root.rstrip("/") or root)
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts) if parts else self.root
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
 
 
 def is_remote(uri: str) -> bool:

@@ -72,7 +72,9 @@ def _group_processes(pgid: int) -> dict[int, str]:
 def test_driver_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_qwen, small_videos,
                                                                          ray_tmp):
     out = tmp_path / "labels"
-    args = ["run", "--input", str(small_videos), "--output", str(out), "--model", str(tiny_qwen), *FAST]
+    # --part-rows 4: a part is committed every 4 rows (not 1000), so the kill lands between parts
+    args = ["run", "--input", str(small_videos), "--output", str(out), "--model", str(tiny_qwen), *FAST,
+            "--part-rows", "4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
     log = tmp_path / "killed.log"
     with open(log, "wb") as f:
