@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .cover import select_tokens_cover
 from .layout import TokenLayout
 from .metric import relative_residual
 from .registry import PRUNERS
@@ -204,6 +205,7 @@ IWP_VARIANTS = {
     "iwp_magnitude": {"score": "magnitude"},
     "iwp_duplication": {"score": "duplication"},
     "iwp_fixed": {"chunking": "fixed"},
+    "iwp_pcmmr": {"selection": "pcmmr", "chunk_budget": "floor"},  # the temporal IWP before issue 13b
 }
 
 
@@ -259,7 +261,10 @@ def prune_tokens(
     else:
         _require_kv(method, keys, values, n)
         variant = replace(settings, **IWP_VARIANTS[method])
-        keep = select_tokens_pcmmr(keys, values, layout, budget, variant)
+        if variant.chunking == "temporal" and (variant.selection, variant.chunk_budget) != ("pcmmr", "floor"):
+            keep = select_tokens_cover(keys, values, layout, budget, variant)
+        else:
+            keep = select_tokens_pcmmr(keys, values, layout, budget, variant)
         residual = relative_residual(keys, values, keep, variant, generator=generator)
         return PruneResult(keep, residual=residual)
     return PruneResult(torch.sort(keep).values)

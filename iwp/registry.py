@@ -14,6 +14,7 @@ PRUNERS = (
     "iwp_magnitude",
     "iwp_duplication",
     "iwp_fixed",
+    "iwp_pcmmr",
 )
 
 COMPENSATIONS = ("none", "bias", "merge", "bias+merge")  # mass compensation of the kept tokens (iwp.compensation)

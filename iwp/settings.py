@@ -8,6 +8,8 @@ CHUNKINGS = ("temporal", "fixed")
 HEAD_AGGS = ("mean", "frobenius")
 SCORES = ("mmr", "magnitude", "duplication")
 MAGNITUDE_NORMS = ("max", "rank")
+SELECTIONS = ("pcmmr", "cover")
+CHUNK_BUDGETS = ("floor", "novelty", "size", "global")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class IWPSettings:
     head_agg: str = "mean"  # "mean" of per-head log m and dup (cheap) | "frobenius" (exact for the stacked heads)
     score: str = "mmr"  # "mmr" | "magnitude" (λ=1 ablation) | "duplication" (λ=0 ablation)
     magnitude_norm: str = "max"  # "max": exp(log m − max log m) | "rank": rank-normalised to [0, 1]
+    selection: str = "pcmmr"  # in a chunk: "pcmmr" (magnitude − duplication) | "cover" (coverage gain, iwp.cover)
+    chunk_budget: str = "floor"  # "floor" (+ global remainder) | "novelty" | "size" (∝ group) | "global" (no chunks)
     seed: int = 0  # seeds every sampled quantity (residual estimate, random baseline)
 
     def __post_init__(self) -> None:
@@ -36,6 +40,8 @@ class IWPSettings:
             ("head_agg", HEAD_AGGS),
             ("score", SCORES),
             ("magnitude_norm", MAGNITUDE_NORMS),
+            ("selection", SELECTIONS),
+            ("chunk_budget", CHUNK_BUDGETS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
