@@ -98,18 +98,23 @@ TEMPORAL_QTYPES = ("appeared_first", "appeared_last", "disappeared", "changed", 
 
 
 def default_methods() -> tuple[str, ...]:
-    """Every pruner plain, and the main ones with the log-count bias (`dycoke+bias`, ...)."""
+    """Every pruner at its defaults (`iwp` includes its default compensation), IWP without it (`iwp+none`), and
+    the main baselines with the log-count bias (`dycoke+bias`, ...)."""
     from iwp import PRUNERS
+    from iwp.registry import default_compensation
 
-    return tuple(PRUNERS) + tuple(f"{m}+bias" for m in COMPENSATED_BY_DEFAULT)
+    return tuple(PRUNERS) + tuple(f"{m}+none" for m in PRUNERS if default_compensation(m) != "none") + tuple(
+        f"{m}+bias" for m in COMPENSATED_BY_DEFAULT if default_compensation(m) != "bias")
 
 
 def parse_method(name: str) -> tuple[str, str]:
-    """'dycoke+bias+merge' → ('dycoke', 'bias+merge'); 'iwp' → ('iwp', 'none')."""
+    """'dycoke+bias+merge' → ('dycoke', 'bias+merge'); 'dycoke' → ('dycoke', 'none'); 'iwp' → ('iwp', its default
+    compensation, 'bias'); 'iwp+none' → ('iwp', 'none')."""
     from iwp import COMPENSATIONS
+    from iwp.registry import default_compensation
 
     base, _, comp = name.partition("+")
-    comp = comp or "none"
+    comp = comp or default_compensation(base)
     if comp not in COMPENSATIONS:
         raise ValueError(f"methods: unknown compensation {comp!r} in {name!r}; choose from {', '.join(COMPENSATIONS)}")
     return base, comp

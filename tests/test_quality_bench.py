@@ -218,7 +218,8 @@ def test_paired_bootstrap_and_rank_correlation():
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert rank_correlation([1, 2, 3, 4], [1, 0, 0, 0]) == pytest.approx(-np.sqrt(0.6))  # ties get average ranks
     assert rank_correlation([1, 1, 1], [0, 1, 0]) is None
-    assert parse_method("dycoke+bias+merge") == ("dycoke", "bias+merge") and parse_method("iwp") == ("iwp", "none")
+    assert parse_method("dycoke+bias+merge") == ("dycoke", "bias+merge") and parse_method("dycoke") == ("dycoke", "none")
+    assert parse_method("iwp") == ("iwp", "bias") and parse_method("iwp+none") == ("iwp", "none")  # shipped defaults
     assert is_baseline("dycoke+bias") and not is_baseline("iwp_fixed+bias") and not is_baseline("none")
     with pytest.raises(ValueError, match="unknown compensation"):
         parse_method("iwp+weights")
