@@ -20,12 +20,16 @@ import typer
 from bench.quality import TEMPORAL_QTYPES, encode_clips, load_qa, paired_ci, write_csv
 
 VARIANTS = {  # name → IWPSettings overrides; the first is the reference (the previous shipped IWP)
-    "floor+pcmmr": {"chunk_budget": "floor", "selection": "pcmmr"},
-    "novelty+pcmmr": {"chunk_budget": "novelty", "selection": "pcmmr"},
-    "size+cover": {"chunk_budget": "size", "selection": "cover"},
-    "floor+cover": {"chunk_budget": "floor", "selection": "cover"},
-    "novelty+cover": {"chunk_budget": "novelty", "selection": "cover"},
+    "floor+pcmmr": {"chunk_budget": "floor", "selection": "pcmmr", "floor": 0.25},
+    "novelty+pcmmr": {"chunk_budget": "novelty", "selection": "pcmmr", "floor": 0.25},
+    "size+cover": {"chunk_budget": "size", "selection": "cover", "floor": 0.25},
+    "floor+cover": {"chunk_budget": "floor", "selection": "cover", "floor": 0.25},
+    "novelty+cover": {"chunk_budget": "novelty", "selection": "cover", "floor": 0.25},
     "global+cover": {"chunk_budget": "global", "selection": "cover"},
+    # the floor interpolates between novelty (floor 0.25: a quarter of an even share per group) and size (1.0)
+    "novelty+cover,floor0.5": {"chunk_budget": "novelty", "selection": "cover", "floor": 0.5},
+    "novelty+cover,floor0.75": {"chunk_budget": "novelty", "selection": "cover", "floor": 0.75},
+    "novelty+cover,floor1": {"chunk_budget": "novelty", "selection": "cover", "floor": 1.0},  # shipped
 }
 
 
@@ -92,7 +96,7 @@ def main(
     model: Optional[str] = typer.Option(None, help="trained model directory (default: the shipped one)"),
     videos: int = typer.Option(60, help="validation clips"),
     retentions: str = typer.Option("0.25,0.1,0.05"),
-    variants: str = typer.Option(",".join(VARIANTS), help="comma-separated names from VARIANTS; the first is the reference"),
+    variants: str = typer.Option(";".join(VARIANTS), help="';'-separated names from VARIANTS; the first is the reference"),
     compensation: str = typer.Option("bias"),
     seed: int = typer.Option(0),
     per_clip: int = typer.Option(3),
@@ -103,7 +107,7 @@ def main(
     from bench.quality import default_model
 
     chosen = {}
-    for v in (x.strip() for x in variants.split(",") if x.strip()):
+    for v in (x.strip() for x in variants.split(";") if x.strip()):
         if v not in VARIANTS:
             raise typer.BadParameter(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}", param_hint="--variants")
         chosen[v] = VARIANTS[v]

@@ -93,7 +93,7 @@ class QualityConfig:
             raise ValueError("nothing to do: --videos 0 and --big-videos 0")
 
 
-COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed")
+COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed", "iwp_pcmmr")
 TEMPORAL_QTYPES = ("appeared_first", "appeared_last", "disappeared", "changed", "direction")
 
 
@@ -307,7 +307,8 @@ def add_answer_changed(rows: list[dict], per_question: dict) -> None:
 
 def paired_rows(per_question: dict, items, n_boot: int, seed: int, key: str = "correct") -> list[dict]:
     """At every retention < 1: IWP (the method named exactly `iwp`) minus every other method, over the same
-    questions, with a paired-bootstrap 95 % CI; plus iwp minus iwp_fixed on the questions that need time."""
+    questions, with a paired-bootstrap 95 % CI; plus iwp minus iwp_fixed (with any compensation) and minus
+    iwp_pcmmr on the questions that need time."""
     out = []
     rets = sorted({r for (_m, r) in per_question if r < 1.0}, reverse=True)
     temporal = np.array([it.qtype in TEMPORAL_QTYPES for it in items])
@@ -324,7 +325,7 @@ def paired_rows(per_question: dict, items, n_boot: int, seed: int, key: str = "c
             out.append({"retention": r, "subset": "all", "method": m, "baseline": is_baseline(m),
                         "iwp": round(float(a.mean()), 4), "other": round(float(b.mean()), 4),
                         "diff": round(diff, 4), "ci_lo": round(lo, 4), "ci_hi": round(hi, 4), "iwp_is": verdict(lo, hi)})
-            if m == "iwp_fixed" and temporal.any():
+            if parse_method(m)[0] in ("iwp_fixed", "iwp_pcmmr") and temporal.any():
                 diff, lo, hi = paired_ci(a[temporal], b[temporal], n_boot, seed)
                 out.append({"retention": r, "subset": "temporal", "method": m, "baseline": False,
                             "iwp": round(float(a[temporal].mean()), 4), "other": round(float(b[temporal].mean()), 4),

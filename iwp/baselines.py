@@ -200,12 +200,13 @@ def _require_kv(method: str, keys, values, n: int) -> None:
         raise ValueError(f"{method!r}: keys/values have {keys.shape[0]}/{values.shape[0]} tokens, expected {n}")
 
 
+PCMMR = {"selection": "pcmmr", "chunk_budget": "floor", "floor": 0.25}  # the temporal IWP before issue 13b
 IWP_VARIANTS = {
     "iwp": {},
-    "iwp_magnitude": {"score": "magnitude"},
-    "iwp_duplication": {"score": "duplication"},
-    "iwp_fixed": {"chunking": "fixed"},
-    "iwp_pcmmr": {"selection": "pcmmr", "chunk_budget": "floor"},  # the temporal IWP before issue 13b
+    "iwp_magnitude": {**PCMMR, "score": "magnitude"},  # MMR's λ = 1 / λ = 0 ablations
+    "iwp_duplication": {**PCMMR, "score": "duplication"},
+    "iwp_fixed": {"chunking": "fixed"},  # paper-style fixed-size chunks (PC-MMR)
+    "iwp_pcmmr": PCMMR,
 }
 
 

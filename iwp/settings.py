@@ -16,14 +16,14 @@ CHUNK_BUDGETS = ("floor", "novelty", "size", "global")
 class IWPSettings:
     lam: float = 0.3  # MMR trade-off λ: weight of magnitude against duplication (0.3: docs/benchmarks.md, Quality)
     temperature: float = 1.0  # τ: the kernel uses τ·√d instead of √d (tames large key norms)
-    floor: float = 0.25  # per-chunk floor as a fraction of an even share K/T; 0 disables
+    floor: float = 1.0  # per-chunk floor as a fraction of an even share K/T; 0 disables (1.0: validation, issue 13b)
     chunking: str = "temporal"  # "temporal" (chunk = temporal group) | "fixed" (paper-style fixed-size chunks)
     fixed_chunk_size: int = 64  # tokens per chunk when chunking == "fixed"
     head_agg: str = "mean"  # "mean" of per-head log m and dup (cheap) | "frobenius" (exact for the stacked heads)
     score: str = "mmr"  # "mmr" | "magnitude" (λ=1 ablation) | "duplication" (λ=0 ablation)
     magnitude_norm: str = "max"  # "max": exp(log m − max log m) | "rank": rank-normalised to [0, 1]
-    selection: str = "pcmmr"  # in a chunk: "pcmmr" (magnitude − duplication) | "cover" (coverage gain, iwp.cover)
-    chunk_budget: str = "floor"  # "floor" (+ global remainder) | "novelty" | "size" (∝ group) | "global" (no chunks)
+    selection: str = "cover"  # in a chunk: "pcmmr" (magnitude − duplication) | "cover" (coverage gain, iwp.cover)
+    chunk_budget: str = "novelty"  # "floor" (+ global remainder) | "novelty" | "size" (∝ group) | "global" (no chunks)
     seed: int = 0  # seeds every sampled quantity (residual estimate, random baseline)
 
     def __post_init__(self) -> None:

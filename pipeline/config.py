@@ -86,13 +86,13 @@ class RunConfig(BaseModel):
     retention: float = Field(1.0, gt=0, le=1, description="fraction of visual tokens kept, ceil(R*N)")
     iwp_lambda: float = Field(0.3, ge=0, le=1, description="IWP: weight of duplication against magnitude")  # = iwp.IWPSettings defaults (tests check they agree)
     iwp_temperature: float = Field(1.0, gt=0, description="IWP: key-kernel temperature")
-    iwp_floor: float = Field(0.25, ge=0, le=1, description="IWP: share of the budget spread evenly over chunks")
+    iwp_floor: float = Field(1.0, ge=0, le=1, description="IWP: share of the budget spread evenly over chunks")
     iwp_chunking: Literal["temporal", "fixed"] = Field("temporal", description="IWP: chunks per temporal token group or fixed size")
     iwp_head_agg: Literal["mean", "frobenius"] = Field("mean", description="IWP: how attention heads are combined")
-    iwp_selection: Literal["pcmmr", "cover"] = Field("pcmmr", description="IWP: inside a temporal group, pick by "
+    iwp_selection: Literal["pcmmr", "cover"] = Field("cover", description="IWP: inside a temporal group, pick by "
                                                      "magnitude − duplication (pcmmr) or by coverage gain (cover)")
     iwp_chunk_budget: Literal["floor", "novelty", "size", "global"] = Field(
-        "floor", description="IWP: split the budget over temporal groups: floor + global rest, ∝ novelty, ∝ size, "
+        "novelty", description="IWP: split the budget over temporal groups: floor + global rest, ∝ novelty, ∝ size, "
                              "or no groups")
     iwp_layer: int = Field(0, ge=0, description="IWP: decoder layer whose keys/values score tokens (only 0)")
     compensation: Literal["auto", "none", "bias", "merge", "bias+merge"] = Field(

@@ -39,7 +39,7 @@ def test_novelty_is_the_first_group_and_what_changes():
     assert per_group[0] == 16  # the basis: all novel
     assert torch.all(per_group[[1, 2, 3, 4, 6, 7]] < 1e-5)  # exact copies of earlier groups: nothing new
     assert 3.0 < per_group[5] <= 4.0  # the four changed tokens
-    shares = chunk_budgets(layout, 32, IWPSettings(chunk_budget="novelty"), nov)
+    shares = chunk_budgets(layout, 32, IWPSettings(chunk_budget="novelty", floor=0.25), nov)
     assert sum(shares) == 32 and shares[0] == 16  # the basis is kept whole (capped at its size) ...
     assert shares[5] > max(shares[i] for i in (1, 2, 3, 4, 6, 7))  # ... then the changed group gets the rest
 
@@ -81,5 +81,17 @@ def test_old_selection_is_kept_as_iwp_pcmmr():
     emb = torch.randn(128, 8)
     old = prune_tokens("iwp_pcmmr", emb, layout, 13, keys=keys, values=values).keep
     ref = prune_tokens("iwp", emb, layout, 13, keys=keys, values=values,
-                       settings=IWPSettings(selection="pcmmr", chunk_budget="floor")).keep
+                       settings=IWPSettings(selection="pcmmr", chunk_budget="floor", floor=0.25)).keep
     assert torch.equal(old, ref)
+
+
+def test_shipped_floor_is_an_even_share_then_novelty():
+    """floor 1.0 (the shipped default): K >= T gives every group floor(K/T) and only the remainder ∝ novelty;
+    K < T gives every pick ∝ novelty."""
+    keys, values, layout = _video()
+    s = IWPSettings()
+    nov = token_novelty(token_features(keys, values, s), layout)
+    assert chunk_budgets(layout, 32, s, nov) == [4] * 8
+    shares = chunk_budgets(layout, 13, s, nov)
+    assert min(shares) == 1 and sum(shares) == 13 and shares[0] == 1 + 4 and shares[5] == 2
+    assert chunk_budgets(layout, 7, s, nov)[0] >= 5
