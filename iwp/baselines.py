@@ -203,8 +203,9 @@ def _require_kv(method: str, keys, values, n: int) -> None:
 PCMMR = {"selection": "pcmmr", "chunk_budget": "floor", "floor": 0.25}  # the temporal IWP before issue 13b
 IWP_VARIANTS = {
     "iwp": {},
-    "iwp_magnitude": {**PCMMR, "score": "magnitude"},  # MMR's λ = 1 / λ = 0 ablations
-    "iwp_duplication": {**PCMMR, "score": "duplication"},
+    # MMR's λ = 1 / λ = 0 ablations (PC-MMR at the caller's floor)
+    "iwp_magnitude": {"selection": "pcmmr", "chunk_budget": "floor", "score": "magnitude"},
+    "iwp_duplication": {"selection": "pcmmr", "chunk_budget": "floor", "score": "duplication"},
     "iwp_fixed": {"chunking": "fixed"},  # paper-style fixed-size chunks (PC-MMR)
     "iwp_pcmmr": PCMMR,
 }
