@@ -353,8 +353,9 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
 
-def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
-    """Build the model, run every case, write CSV + PNG; returns (rows, csv_path, png_path)."""
+def run_speed(cfg: SpeedConfig, *, log=print, built=None) -> tuple[list[dict], Path, Path]:
+    """Build the model (or take `built`, to measure several clip kinds on one build), run every case,
+    write CSV + PNG; returns (rows, csv_path, png_path)."""
     import torch
 
     from actors.loading import make_adapter, pick_device, pick_dtype
@@ -372,8 +373,8 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
     shape = get_shape(cfg.arch, cfg.size)
     resolution = cfg.resolution or shape.resolution
     t0 = time.perf_counter()
-    built = build_model(cfg.arch, cfg.size, device=device, dtype=dtype, layers=cfg.layers,
-                        vision_layers=cfg.vision_layers, resolution=resolution, attn=cfg.attn, seed=cfg.seed)
+    built = built or build_model(cfg.arch, cfg.size, device=device, dtype=dtype, layers=cfg.layers,
+                                 vision_layers=cfg.vision_layers, resolution=resolution, attn=cfg.attn, seed=cfg.seed)
     log(f"built {cfg.arch}/{cfg.size} ({built.params / 1e6:.1f}M params, {built.layers}/{shape.text.layers} LLM "
         f"layers, {built.vision_layers}/{shape.vision.depth} vision blocks) on {device} {dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
