@@ -101,3 +101,27 @@ def test_static_masks_are_causal_padding_bias_and_open_one_slot_per_step():
 def test_eos_check_every_must_be_positive(batches):
     with pytest.raises(ValueError, match="eos_check_every"):
         StaticDecoder(batches[0], eos_check_every=0)
+
+
+def test_captioner_with_the_static_loop_writes_the_same_rows(tiny_qwen):
+    import json
+
+    from actors.captioner import VideoCaptioner
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for i, t in enumerate((4, 6)):
+        frames = rng.integers(0, 255, (t, 56, 56, 3), dtype=np.uint8)
+        rows.append({"video_id": f"v{i}", "uri": f"mem://v{i}", "status": "ok", "frames": frames.tobytes(),
+                     "frames_shape": list(frames.shape), "frame_timestamps": list(np.arange(t) / 4.0),
+                     "prompts": json.dumps([["p0", PROMPT], ["p1", "What moves?"]])})
+    spec = PruneSpec(method="iwp", retention=0.5, compensation="bias")
+    texts = {}
+    for loop in ("dynamic", "static"):
+        cap = VideoCaptioner(model=str(tiny_qwen), prune=spec, max_new_tokens=5, batch_size=3, decode_loop=loop,
+                             eos_check_every=2)
+        assert (cap.decoder is None) == (loop == "dynamic")
+        out = cap.label_videos(rows)
+        assert [r["status"] for r in out] == ["ok"] * 4
+        texts[loop] = [(r["video_id"], r["prompt_id"], r["text"], r["new_tokens"]) for r in out]
+    assert texts["static"] == texts["dynamic"]
