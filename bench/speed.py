@@ -44,7 +44,7 @@ CSV_COLUMNS = (
     "arch", "size", "source", "hidden", "layers", "layers_full", "heads", "kv_heads", "intermediate", "vocab",
     "vision_layers", "vision_layers_full", "params_m", "device", "device_name", "dtype", "attn", "threads", "clock",
     "frames", "resolution", "batch_size", "max_new_tokens", "repeats", "content",
-    "pruner", "retention", "prune_mode", "vision_skip_threshold", "decode_loop", "eos_check_every", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
+    "pruner", "retention", "prune_mode", "compensation", "vision_skip_threshold", "decode_loop", "eos_check_every", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
     "preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms", "decode_steps",
     "decode_ms_per_token",
     "e2e_ms", "videos_per_s", "peak_mem_mb", "peak_mem_kind", "kv_cache_mb",
@@ -81,6 +81,7 @@ class SpeedConfig:
     vision_skip_threshold: float | None = None  # also run every case with the vision skip at this threshold
     decode_loops: tuple[str, ...] = ("dynamic",)  # every case once per decode loop (DECODE_LOOPS)
     eos_check_every: int = 8                      # static loops: steps between EOS checks (EOS is disabled here)
+    compensation: str = "none"                    # pruned cases: "bias" adds the log-count attention bias (4-D mask)
 
     def __post_init__(self) -> None:
         from iwp import PRUNERS
@@ -92,6 +93,10 @@ class SpeedConfig:
                 raise ValueError(f"decode_loops: {d!r} is not one of {', '.join(DECODE_LOOPS)}")
         if not self.decode_loops:
             raise ValueError("decode_loops: name at least one")
+        if self.compensation not in ("none", "bias"):
+            raise ValueError(f"compensation: {self.compensation!r} is not 'none' or 'bias'")
+        if self.compensation != "none" and "batched" in self.prune_modes:
+            raise ValueError("compensation: the batched (lockstep) selection has no compensation; use per_video")
         if self.eos_check_every < 1:
             raise ValueError(f"eos_check_every: must be >= 1, got {self.eos_check_every}")
         if self.vision_skip_threshold is not None and self.vision_skip_threshold < 0:
@@ -252,7 +257,7 @@ def prune_batched(encoded, spec, language_model):
 
 
 def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens: int, seed: int = 0,
-                 clock=time.perf_counter, decoder=None) -> dict:
+                 clock=time.perf_counter, decoder=None, compensation: str = "none") -> dict:
     """One timed pass of the captioning path for one batch (`decoder`: the case's static decoder, or None)."""
     import torch
 
@@ -260,7 +265,8 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
     from actors.splice import PruneSpec, prune_video
 
     device = built.device
-    spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed)
+    spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed,
+                     compensation="none" if case.pruner == "none" else compensation)
     # the processor's share of the vision time, timed on its own (outside the end-to-end pass)
     sync_device(device)
     tp = clock()
@@ -345,6 +351,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     rows = []
     for case, runs in results.items():
         row = {**base_info, "pruner": case.pruner, "retention": case.retention, "prune_mode": case.prune_mode,
+               "compensation": "none" if case.pruner == "none" else cfg.compensation,
                "vision_skip_threshold": "" if case.skip is None else case.skip, "decode_loop": case.decode,
                "eos_check_every": "" if case.decode == "dynamic" else cfg.eos_check_every}
         for k in ("preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms",
@@ -409,13 +416,13 @@ def run_speed(cfg: SpeedConfig, *, log=print, built=None) -> tuple[list[dict], P
     for w in range(cfg.warmup):  # first calls allocate, pick kernels, fill caches, compile: not measured
         for case in cases:
             measure_case(adapter, built, videos, timestamps, case, cfg.max_new_tokens, cfg.seed, clock,
-                         decoders[case.decode])
+                         decoders[case.decode], cfg.compensation)
         log(f"warm-up {w + 1}/{cfg.warmup} done")
     results: dict[Case, list[dict]] = {c: [] for c in cases}
     for rep in range(cfg.repeats):  # round-robin: drift of a shared machine hits every case alike
         for case in cases:
             results[case].append(measure_case(adapter, built, videos, timestamps, case, cfg.max_new_tokens,
-                                              cfg.seed, clock, decoders[case.decode]))
+                                              cfg.seed, clock, decoders[case.decode], cfg.compensation))
         log(f"repeat {rep + 1}/{cfg.repeats} done")
     rows = summarize(built, cfg, results, resolution)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -559,6 +566,8 @@ def command(
                                      "dynamic (growing cache) | static (static KV cache, masks allocated once) | "
                                      "compiled (static with a torch.compile'd step; CUDA graphs on a GPU)"),
     eos_check_every: int = typer.Option(8, help="static loops: decoding steps between EOS checks"),
+    compensation: str = typer.Option("none", help="none | bias: pruned cases carry the log-count attention bias "
+                                     "(a 4-D float mask: no flash kernel)"),
 ):
     """Prefill / pruning / decode / end-to-end speed of pruned vs unpruned captioning, one model shape."""
     from rich.console import Console
@@ -570,7 +579,8 @@ def command(
                           prune_modes=_names(prune_modes), max_new_tokens=max_new_tokens, repeats=repeats,
                           warmup=warmup, layers=layers, vision_layers=vision_layers, threads=threads, attn=attn,
                           clock=clock, out=out, seed=seed, content=content, vision_skip_threshold=vision_skip,
-                          decode_loops=_names(decode_loops), eos_check_every=eos_check_every)
+                          decode_loops=_names(decode_loops), eos_check_every=eos_check_every,
+                          compensation=compensation)
         from actors.model_shapes import get_shape
 
         get_shape(arch, size)

@@ -21,7 +21,7 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
     out = tmp_path / "speed"
     r = run_cli("bench", "speed", "--size", "tiny", "--frames", "4", "--batch-size", "2", "--retentions", "1,0.25",
                 "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3", "--clock", "process", "--out", str(out),
-                timeout=300)
+                "--compensation", "bias", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "prefill ×" in r.stdout and "e2e ×" in r.stdout
     csv_path = out / "speed_qwen2_5_vl_tiny_L2_f4_b2_cpu.csv"
@@ -29,6 +29,7 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
     assert tuple(rows[0].keys()) == CSV_COLUMNS
     assert [(x["pruner"], float(x["retention"])) for x in rows] == [("none", 1.0), ("iwp", 1.0), ("iwp", 0.25)]
     none, full, quarter = rows
+    assert [x["compensation"] for x in rows] == ["none", "bias", "bias"]
     assert none["layers"] == none["layers_full"] == "2" and none["device"] == "cpu" and none["clock"] == "process"
     assert int(quarter["visual_tokens_kept"]) == math.ceil(0.25 * int(quarter["visual_tokens"]))
     assert int(full["visual_tokens_kept"]) == int(full["visual_tokens"])
