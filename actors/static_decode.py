@@ -63,6 +63,9 @@ class StaticDecoder:
         key = (batch, length, dtype, device)
         if self._cache_key != key:
             self._cache = StaticCache(config=self.model.config.get_text_config(), max_cache_len=length)
+            if any(layer.is_sliding for layer in self._cache.layers):  # its keys would not match the mask's slots
+                raise ValueError("decode_loop 'static' does not support sliding-window attention layers; "
+                                 "use decode_loop 'dynamic'")
             self._cache_key = key
         else:
             self._cache.reset()
