@@ -85,7 +85,7 @@ class RunConfig(BaseModel):
 
     # vision skip: a temporal group whose frames repeat the last encoded group reuses its embeddings
     vision_skip: bool = Field(False, description="skip the vision tower on temporal groups that repeat an earlier one "
-                              "(off by default until its quality run is done: docs/benchmarks.md)")
+                              "(off by default: why, and its quality run, in docs/benchmarks.md)")
     vision_skip_threshold: float = Field(1.0, ge=0, description="mean absolute pixel difference (0-255, ~32 px "
                                          "copy) at or below which a group counts as a repeat (= actors.vision_skip)")
 
