@@ -56,3 +56,26 @@ def step_mask(pad_mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype
 def extend_key_bias(key_bias: torch.Tensor) -> torch.Tensor:
     """Append a zero bias for the key of the token generated this step."""
     return torch.cat([key_bias, key_bias.new_zeros(key_bias.shape[0], 1)], dim=1)
+
+
+def static_key_row(pad_mask: torch.Tensor, key_bias: torch.Tensor | None, cache_len: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(B, cache_len) additive mask over a static cache's slots: padding + bias on the first L (prompt) slots,
+    the dtype's minimum on the slots not written yet (each decoding step opens one: `open_step_slot`)."""
+    batch, length = pad_mask.shape
+    bias = key_bias if key_bias is not None else torch.zeros(batch, length, dtype=dtype, device=pad_mask.device)
+    row = torch.full((batch, cache_len), torch.finfo(dtype).min, dtype=dtype, device=pad_mask.device)
+    row[:, :length] = _padding_and_bias(pad_mask, bias, dtype)
+    return row
+
+
+def static_prefill_mask(key_row: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, 1, L, cache_len) float mask for a prefill into a static cache: causal + padding + key bias."""
+    cache_len = key_row.shape[1]
+    future = torch.ones(length, cache_len, dtype=torch.bool, device=key_row.device).triu(1)
+    return key_row[:, None, None, :].masked_fill(future[None, None], torch.finfo(key_row.dtype).min)
+
+
+def open_step_slot(mask: torch.Tensor, slot: int) -> None:
+    """Let every query see the key written to cache slot `slot` this step (bias 0: a generated token), in place."""
+    mask[..., slot] = 0

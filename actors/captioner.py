@@ -17,9 +17,10 @@ import torch
 
 from actors.attempts import AttemptLedger
 from actors.attention_bias import check_bias_support
-from actors.generation import greedy_generate, stop_and_pad_ids
+from actors.generation import stop_and_pad_ids
 from actors.loading import load_model, make_adapter
 from actors.splice import PruneSpec, fastv_scores, prune_video
+from actors.static_decode import DEFAULT_EOS_CHECK_EVERY, StaticDecoder, generate
 from iwp import uses_bias
 
 # Test hook: when set to a file path, the first model actor that reaches its second batch creates that
@@ -94,7 +95,8 @@ class VideoCaptioner:
                  revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
                  device: str = "auto", storage_options: dict | None = None, row_defaults: dict | None = None,
                  attempts_root: str | None = None, attempts_storage_options: dict | None = None,
-                 max_crashes: int = 2, skip_threshold: float | None = None):
+                 max_crashes: int = 2, skip_threshold: float | None = None, decode_loop: str = "dynamic",
+                 compile_decode: bool = False, eos_check_every: int = DEFAULT_EOS_CHECK_EVERY):
         attn = "eager" if prune.query_dependent else None  # FastV reads attention weights
         self.model, self.processor, self.device = load_model(
             model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
@@ -106,6 +108,9 @@ class VideoCaptioner:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.row_defaults = row_defaults or {}
+        # None: the dynamic loop (actors.generation); else the static-cache loop, its cache kept across batches
+        self.decoder = (StaticDecoder(self.model, compile_step=compile_decode, eos_check_every=eos_check_every)
+                        if decode_loop == "static" else None)
         self.eos_ids, self.pad_id = stop_and_pad_ids(self.processor.tokenizer, self.model.generation_config)
         self._calls = 0
         # attempts that died, kept in storage (None: no poison isolation, e.g. notebooks and benchmarks)
@@ -194,8 +199,8 @@ class VideoCaptioner:
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
             seqs = [self.adapter.splice(enc, p, prompt) for (_, _, prompt, enc, p) in chunk]
-            gen = greedy_generate(self.model, seqs, max_new_tokens=self.max_new_tokens,
-                                  eos_token_ids=self.eos_ids, pad_token_id=self.pad_id)
+            gen = generate(self.model, seqs, max_new_tokens=self.max_new_tokens, eos_token_ids=self.eos_ids,
+                           pad_token_id=self.pad_id, decoder=self.decoder)
             texts = self.processor.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
             for (r, pid, prompt, enc, p), text in zip(chunk, texts):
                 out.append(self._row(r, pid, prompt, status="ok", text=text.strip(),

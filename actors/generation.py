@@ -127,12 +127,13 @@ def greedy_generate(model, seqs: list[SplicedSequence], *, max_new_tokens: int, 
     t2 = clock()
 
     stacked = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in seqs]
-    result = []
-    for row in stacked:
-        kept = []
-        for t in row:
-            if t in eos_token_ids:
-                break
-            kept.append(t)
-        result.append(kept)
-    return GenerationResult(tokens=result, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, new_tokens=steps)
+    return GenerationResult(tokens=[tokens_until_eos(row, eos_token_ids) for row in stacked],
+                            prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, new_tokens=steps)
+
+
+def tokens_until_eos(row: list[int], eos_token_ids: set[int]) -> list[int]:
+    """A row's generated tokens up to (without) its first end token."""
+    for i, t in enumerate(row):
+        if t in eos_token_ids:
+            return row[:i]
+    return row

@@ -35,11 +35,12 @@ def _uris(n: int, prefix: str) -> list[str]:
     return [f"{prefix}/videos/{i // 1000:04d}/clip_{i:08d}.mp4" for i in range(n)]
 
 
-def synthetic_rows(uris: list[str], labeling_hash: str = LABELING_HASH):
-    """Output rows as a run would write them (caption text ~150 characters, every column filled)."""
+def synthetic_rows(uris: list[str], labeling_hash: str = LABELING_HASH, *, manifest: str | None = None):
+    """Output rows as a run would write them (caption text ~150 characters, every column filled); videos are
+    keyed as discovery keys them for `manifest` (local paths relative to its folder)."""
     import pyarrow as pa
 
-    from pipeline.discover import prompt_id_for, video_id_for
+    from pipeline.discover import input_root, prompt_id_for, video_id_for, video_key
     from pipeline.output import OUTPUT_SCHEMA, conform
 
     n = len(uris)
@@ -49,7 +50,7 @@ def synthetic_rows(uris: list[str], labeling_hash: str = LABELING_HASH):
     text = [" ".join(words[rng.integers(0, len(words), 24)]) for _ in range(min(n, 5000))]
     now = datetime.now(timezone.utc)
     cols = {
-        "video_id": [video_id_for(u) for u in uris], "uri": uris, "prompt_id": [prompt_id_for(PROMPT)] * n,
+        "video_id": [video_id_for(video_key(u, input_root(manifest) if manifest else None)) for u in uris], "uri": uris, "prompt_id": [prompt_id_for(PROMPT)] * n,
         "prompt": [PROMPT] * n, "text": [text[i % len(text)] for i in range(n)], "status": ["ok"] * n,
         "model": ["tiny-qwen2_5_vl"] * n, "pruner": ["iwp"] * n, "retention": [0.25] * n,
         "visual_tokens_full": [512] * n, "visual_tokens_kept": [128] * n, "frames_sampled": [8] * n,
@@ -61,7 +62,7 @@ def synthetic_rows(uris: list[str], labeling_hash: str = LABELING_HASH):
 
 
 def write_output(uri: str, uris: list[str], rows_per_part: int, *, s3_endpoint: str | None,
-                 labeling_hash: str = LABELING_HASH) -> int:
+                 labeling_hash: str = LABELING_HASH, manifest: Path | None = None) -> int:
     """Parts of `rows_per_part` rows each, through the real atomic writer; returns the part count."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -69,7 +70,7 @@ def write_output(uri: str, uris: list[str], rows_per_part: int, *, s3_endpoint: 
     from pipeline.storage import Location
 
     loc = Location.resolve(uri, s3_endpoint=s3_endpoint)
-    table = synthetic_rows(uris, labeling_hash)
+    table = synthetic_rows(uris, labeling_hash, manifest=str(manifest) if manifest else None)
     slices = [table.slice(i, rows_per_part) for i in range(0, table.num_rows, rows_per_part)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda t: write_part(t, uri, location=loc), slices))
@@ -121,7 +122,7 @@ def measure_finished_rerun(workdir: Path, n: int) -> dict:
     write_manifest(manifest, uris)
     out = workdir / "rerun-out"
     cfg = RunConfig(input=str(manifest), output=str(out), model=str(model))
-    write_output(str(out), uris, 1000, s3_endpoint=None, labeling_hash=cfg.labeling_hash())  # 10 parts
+    write_output(str(out), uris, 1000, s3_endpoint=None, labeling_hash=cfg.labeling_hash(), manifest=manifest)  # 10 parts
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsb", dir="/tmp"))
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(manifest), "--output", str(out),
@@ -129,8 +130,8 @@ def measure_finished_rerun(workdir: Path, n: int) -> dict:
                        env={**os.environ, "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}, timeout=600)
     seconds = time.perf_counter() - t
     ray_started = any(ray_tmp.iterdir())
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
+    if r.returncode != 0 or "nothing to do" not in r.stdout:  # a finished job must plan nothing
+        raise RuntimeError(r.stdout[-1000:] + r.stderr[-2000:])
     return {"storage": "local", "measurement": f"re-run of a finished job (CLI, {n} videos)", "rows": n,
             "seconds": seconds, "ray_started": ray_started,
             "nothing_to_do": "nothing to do" in r.stdout}
@@ -250,13 +251,15 @@ def command(rows: int = typer.Option(1_000_000, help="labeled rows in the synthe
         row = {"storage": storage, "measurement": what, **extra, **m}
         results.append(row)
         typer.echo(json.dumps(row))
+        if kind == "resume" and m["todo"] != 0:  # keys must match discovery's
+            raise RuntimeError(f"{storage} {what}: {m['todo']} videos left to do over a finished output")
 
     def scenario(storage: str, base: str, n: int, s3: str | None):
         uris = _uris(n, "s3://videos-bucket" if s3 else str(workdir / "corpus"))
         manifest = workdir / f"manifest-{storage}-{n}.txt"
         write_manifest(manifest, uris)
         t = time.perf_counter()
-        n_parts = write_output(f"{base}/compacted", uris, PART_ROWS, s3_endpoint=s3)
+        n_parts = write_output(f"{base}/compacted", uris, PART_ROWS, s3_endpoint=s3, manifest=manifest)
         typer.echo(f"{storage}: wrote {n} rows as {n_parts} parts in {time.perf_counter() - t:.1f} s")
         a = {"input": str(manifest), "output": f"{base}/compacted", "s3": s3}
         record(storage, "discovery (manifest)", "discovery", a, rows=n)
@@ -266,7 +269,7 @@ def command(rows: int = typer.Option(1_000_000, help="labeled rows in the synthe
         small_manifest = workdir / f"manifest-{storage}-small.txt"
         write_manifest(small_manifest, small_uris)
         t = time.perf_counter()
-        n_parts = write_output(f"{base}/small", small_uris, 4, s3_endpoint=s3)
+        n_parts = write_output(f"{base}/small", small_uris, 4, s3_endpoint=s3, manifest=small_manifest)
         typer.echo(f"{storage}: wrote {len(small_uris)} rows as {n_parts} parts in {time.perf_counter() - t:.1f} s")
         a = {"input": str(small_manifest), "output": f"{base}/small", "s3": s3}
         record(storage, "resume planning, small parts (old writer)", "resume", a, rows=len(small_uris))

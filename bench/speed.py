@@ -37,12 +37,14 @@ DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.10)
 PROMPT = "Describe this video."
 PRUNE_MODES = ("per_video", "batched")
 CONTENTS = ("moving", "static", "panning")  # synthetic clips: see synthetic_batch
+# decoding: actors.generation's loop, the static-cache loop (actors.static_decode), the same with a compiled step
+DECODE_LOOPS = ("dynamic", "static", "compiled")
 # columns of the CSV, in order (tests check them)
 CSV_COLUMNS = (
     "arch", "size", "source", "hidden", "layers", "layers_full", "heads", "kv_heads", "intermediate", "vocab",
     "vision_layers", "vision_layers_full", "params_m", "device", "device_name", "dtype", "attn", "threads", "clock",
     "frames", "resolution", "batch_size", "max_new_tokens", "repeats", "content",
-    "pruner", "retention", "prune_mode", "vision_skip_threshold", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
+    "pruner", "retention", "prune_mode", "compensation", "vision_skip_threshold", "decode_loop", "eos_check_every", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
     "preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms", "decode_steps",
     "decode_ms_per_token",
     "e2e_ms", "videos_per_s", "peak_mem_mb", "peak_mem_kind", "kv_cache_mb",
@@ -77,12 +79,26 @@ class SpeedConfig:
     seed: int = 0
     content: str = "moving"              # moving | static | panning (see synthetic_batch)
     vision_skip_threshold: float | None = None  # also run every case with the vision skip at this threshold
+    decode_loops: tuple[str, ...] = ("dynamic",)  # every case once per decode loop (DECODE_LOOPS)
+    eos_check_every: int = 8                      # static loops: steps between EOS checks (EOS is disabled here)
+    compensation: str = "none"                    # pruned cases: "bias" adds the log-count attention bias (4-D mask)
 
     def __post_init__(self) -> None:
         from iwp import PRUNERS
 
         if self.content not in CONTENTS:
             raise ValueError(f"content: {self.content!r} is not one of {', '.join(CONTENTS)}")
+        for d in self.decode_loops:
+            if d not in DECODE_LOOPS:
+                raise ValueError(f"decode_loops: {d!r} is not one of {', '.join(DECODE_LOOPS)}")
+        if not self.decode_loops:
+            raise ValueError("decode_loops: name at least one")
+        if self.compensation not in ("none", "bias"):
+            raise ValueError(f"compensation: {self.compensation!r} is not 'none' or 'bias'")
+        if self.compensation != "none" and "batched" in self.prune_modes:
+            raise ValueError("compensation: the batched (lockstep) selection has no compensation; use per_video")
+        if self.eos_check_every < 1:
+            raise ValueError(f"eos_check_every: must be >= 1, got {self.eos_check_every}")
         if self.vision_skip_threshold is not None and self.vision_skip_threshold < 0:
             raise ValueError(f"vision_skip_threshold: must be >= 0, got {self.vision_skip_threshold}")
 
@@ -117,10 +133,11 @@ class Case:
     retention: float
     prune_mode: str = "per_video"
     skip: float | None = None  # vision-skip threshold, None: every group through the tower
+    decode: str = "dynamic"    # one of DECODE_LOOPS
 
     @property
     def label(self) -> str:
-        skip = "" if self.skip is None else "+skip"
+        skip = ("" if self.skip is None else "+skip") + ("" if self.decode == "dynamic" else f"+{self.decode}")
         if self.pruner == "none":
             return "none" + skip
         mode = "" if self.prune_mode == "per_video" else "+batched"
@@ -138,7 +155,16 @@ def cases_for(cfg: SpeedConfig) -> list[Case]:
             cases += [Case(pruner, r, mode) for r in cfg.retentions]
     if cfg.vision_skip_threshold is not None:  # the same cases again with the vision skip on
         cases += [Case(c.pruner, c.retention, c.prune_mode, cfg.vision_skip_threshold) for c in cases]
-    return cases
+    return [Case(c.pruner, c.retention, c.prune_mode, c.skip, d) for d in cfg.decode_loops for c in cases]
+
+
+def make_decoders(model, cfg: SpeedConfig) -> dict:
+    """The decoder of each decode loop: None (actors.generation's loop) or a StaticDecoder kept across calls."""
+    from actors.static_decode import StaticDecoder
+
+    return {d: None if d == "dynamic" else StaticDecoder(model, compile_step=d == "compiled",
+                                                         eos_check_every=cfg.eos_check_every)
+            for d in cfg.decode_loops}
 
 
 # ---------------------------------------------------------------- measurement helpers
@@ -231,15 +257,16 @@ def prune_batched(encoded, spec, language_model):
 
 
 def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens: int, seed: int = 0,
-                 clock=time.perf_counter) -> dict:
-    """One timed pass of the captioning path for one batch."""
+                 clock=time.perf_counter, decoder=None, compensation: str = "none") -> dict:
+    """One timed pass of the captioning path for one batch (`decoder`: the case's static decoder, or None)."""
     import torch
 
-    from actors.generation import greedy_generate
+    from actors.static_decode import generate
     from actors.splice import PruneSpec, prune_video
 
     device = built.device
-    spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed)
+    spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed,
+                     compensation="none" if case.pruner == "none" else compensation)
     # the processor's share of the vision time, timed on its own (outside the end-to-end pass)
     sync_device(device)
     tp = clock()
@@ -264,8 +291,8 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
         sync_device(device)
         t3 = clock()
         # EOS disabled (-1 is never generated): every case decodes exactly max_new_tokens tokens
-        gen = greedy_generate(built.model, seqs, max_new_tokens=max_new_tokens, eos_token_ids={-1},
-                              pad_token_id=adapter.tokenizer.pad_token_id or 0, clock=clock)
+        gen = generate(built.model, seqs, max_new_tokens=max_new_tokens, eos_token_ids={-1},
+                       pad_token_id=adapter.tokenizer.pad_token_id or 0, decoder=decoder, clock=clock)
         sync_device(device)
         t4 = clock()
     peak, kind = peak_mb(device)
@@ -324,7 +351,9 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     rows = []
     for case, runs in results.items():
         row = {**base_info, "pruner": case.pruner, "retention": case.retention, "prune_mode": case.prune_mode,
-               "vision_skip_threshold": "" if case.skip is None else case.skip}
+               "compensation": "none" if case.pruner == "none" else cfg.compensation,
+               "vision_skip_threshold": "" if case.skip is None else case.skip, "decode_loop": case.decode,
+               "eos_check_every": "" if case.decode == "dynamic" else cfg.eos_check_every}
         for k in ("preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms",
                   "decode_ms_per_token",
                   "e2e_ms", "peak_mem_mb"):
@@ -341,7 +370,8 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
         row["e2e_ms_full_depth_est"] = round(row["preprocess_ms"] + tower * vf + rest + row["prefill_ms"] * pf
                                              + row["decode_ms"] * df, 3)
         rows.append(row)
-    base = next(r for r in rows if r["pruner"] == "none" and r["vision_skip_threshold"] == "")
+    base = next(r for r in rows if r["pruner"] == "none" and r["vision_skip_threshold"] == ""
+                and r["decode_loop"] == cfg.decode_loops[0])
     for r in rows:
         r["prefill_speedup"] = round(base["prefill_ms"] / r["prefill_ms"], 3)
         r["prune_overhead_pct"] = round(100 * r["prune_ms"] / base["prefill_ms"], 3)
@@ -353,8 +383,9 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
 
-def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
-    """Build the model, run every case, write CSV + PNG; returns (rows, csv_path, png_path)."""
+def run_speed(cfg: SpeedConfig, *, log=print, built=None) -> tuple[list[dict], Path, Path]:
+    """Build the model (or take `built`, to measure several clip kinds on one build), run every case,
+    write CSV + PNG; returns (rows, csv_path, png_path)."""
     import torch
 
     from actors.loading import make_adapter, pick_device, pick_dtype
@@ -372,29 +403,33 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
     shape = get_shape(cfg.arch, cfg.size)
     resolution = cfg.resolution or shape.resolution
     t0 = time.perf_counter()
-    built = build_model(cfg.arch, cfg.size, device=device, dtype=dtype, layers=cfg.layers,
-                        vision_layers=cfg.vision_layers, resolution=resolution, attn=cfg.attn, seed=cfg.seed)
+    built = built or build_model(cfg.arch, cfg.size, device=device, dtype=dtype, layers=cfg.layers,
+                                 vision_layers=cfg.vision_layers, resolution=resolution, attn=cfg.attn, seed=cfg.seed)
     log(f"built {cfg.arch}/{cfg.size} ({built.params / 1e6:.1f}M params, {built.layers}/{shape.text.layers} LLM "
         f"layers, {built.vision_layers}/{shape.vision.depth} vision blocks) on {device} {dtype} "
         f"in {time.perf_counter() - t0:.1f}s")
     adapter = make_adapter(built.model, built.processor)
     videos, timestamps = synthetic_batch(cfg.batch_size, cfg.frames, resolution, seed=cfg.seed, content=cfg.content)
     cases = cases_for(cfg)
+    decoders = make_decoders(built.model, cfg)
     clock = time.process_time if cfg.clock == "process" else time.perf_counter
-    for w in range(cfg.warmup):  # first calls allocate, pick kernels, fill caches: not measured
+    for w in range(cfg.warmup):  # first calls allocate, pick kernels, fill caches, compile: not measured
         for case in cases:
-            measure_case(adapter, built, videos, timestamps, case, cfg.max_new_tokens, cfg.seed, clock)
+            measure_case(adapter, built, videos, timestamps, case, cfg.max_new_tokens, cfg.seed, clock,
+                         decoders[case.decode], cfg.compensation)
         log(f"warm-up {w + 1}/{cfg.warmup} done")
     results: dict[Case, list[dict]] = {c: [] for c in cases}
     for rep in range(cfg.repeats):  # round-robin: drift of a shared machine hits every case alike
         for case in cases:
             results[case].append(measure_case(adapter, built, videos, timestamps, case, cfg.max_new_tokens,
-                                              cfg.seed, clock))
+                                              cfg.seed, clock, decoders[case.decode], cfg.compensation))
         log(f"repeat {rep + 1}/{cfg.repeats} done")
     rows = summarize(built, cfg, results, resolution)
     cfg.out.mkdir(parents=True, exist_ok=True)
     content = "" if cfg.content == "moving" else f"_{cfg.content}"
-    stem = f"speed_{cfg.arch}_{cfg.size}_L{built.layers}_f{cfg.frames}_b{cfg.batch_size}{content}_{device.type}"
+    decode = "" if cfg.decode_loops == ("dynamic",) else "_" + "-".join(cfg.decode_loops)
+    stem = (f"speed_{cfg.arch}_{cfg.size}_L{built.layers}_f{cfg.frames}_b{cfg.batch_size}{content}{decode}"
+            f"_{device.type}")
     csv_path = cfg.out / f"{stem}.csv"
     write_csv(rows, csv_path)
     png_path = cfg.out / f"{stem}.png"
@@ -407,7 +442,8 @@ def run_speed(cfg: SpeedConfig, *, log=print) -> tuple[list[dict], Path, Path]:
 
 def row_case(r: dict) -> Case:
     skip = r.get("vision_skip_threshold", "")
-    return Case(r["pruner"], r["retention"], r["prune_mode"], None if skip in ("", None) else float(skip))
+    return Case(r["pruner"], r["retention"], r["prune_mode"], None if skip in ("", None) else float(skip),
+                r.get("decode_loop") or "dynamic")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -439,10 +475,11 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     series: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["pruner"] != "none":
-            series.setdefault((r["pruner"], r["prune_mode"], r["vision_skip_threshold"]), []).append(r)
-    for (pruner, mode, skip), rs in series.items():
+            series.setdefault((r["pruner"], r["prune_mode"], r["vision_skip_threshold"], r["decode_loop"]), []).append(r)
+    for (pruner, mode, skip, decode), rs in series.items():
         rs = sorted(rs, key=lambda r: r["retention"])
-        name = (pruner if mode == "per_video" else f"{pruner} (batched)") + ("" if skip == "" else " +skip")
+        name = ((pruner if mode == "per_video" else f"{pruner} (batched)") + ("" if skip == "" else " +skip")
+                + ("" if decode == "dynamic" else f" +{decode}"))
         ax2.plot([r["retention"] for r in rs], [r["prefill_speedup"] for r in rs], "o-", label=f"{name}: prefill")
         ax2.plot([r["retention"] for r in rs], [r["e2e_speedup"] for r in rs], "s--", label=f"{name}: end-to-end")
     ax2.axhline(1.0, color="grey", lw=0.8)
@@ -525,6 +562,12 @@ def command(
                                 "(the camera moves every frame)"),
     vision_skip: Optional[float] = typer.Option(None, help="also run every case with the vision skip at this "
                                                 "threshold (e.g. 1.0, the run default); rows show groups encoded"),
+    decode_loops: str = typer.Option("dynamic", help="comma-separated: run every case with each decode loop: "
+                                     "dynamic (growing cache) | static (static KV cache, masks allocated once) | "
+                                     "compiled (static with a torch.compile'd step; CUDA graphs on a GPU)"),
+    eos_check_every: int = typer.Option(8, help="static loops: decoding steps between EOS checks"),
+    compensation: str = typer.Option("none", help="none | bias: pruned cases carry the log-count attention bias "
+                                     "(a 4-D float mask: no flash kernel)"),
 ):
     """Prefill / pruning / decode / end-to-end speed of pruned vs unpruned captioning, one model shape."""
     from rich.console import Console
@@ -535,7 +578,9 @@ def command(
                           batch_size=batch_size, retentions=_floats(retentions), pruners=_names(pruners),
                           prune_modes=_names(prune_modes), max_new_tokens=max_new_tokens, repeats=repeats,
                           warmup=warmup, layers=layers, vision_layers=vision_layers, threads=threads, attn=attn,
-                          clock=clock, out=out, seed=seed, content=content, vision_skip_threshold=vision_skip)
+                          clock=clock, out=out, seed=seed, content=content, vision_skip_threshold=vision_skip,
+                          decode_loops=_names(decode_loops), eos_check_every=eos_check_every,
+                          compensation=compensation)
         from actors.model_shapes import get_shape
 
         get_shape(arch, size)

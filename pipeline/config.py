@@ -74,9 +74,18 @@ class RunConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model weights' dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when the actor has a GPU)")
 
+    # decode loop: the same tokens either way (tests/test_static_decode.py), so none of these is in the labeling hash
+    decode_loop: Literal["dynamic", "static"] = Field(
+        "dynamic", description="greedy decoding over a growing cache (dynamic) or a static KV cache with masks "
+                               "and positions allocated once, the loop made for GPUs (static; docs/benchmarks.md)")
+    compile_decode: bool = Field(False, description="with decode_loop static: compile the decoding step "
+                                 "(torch.compile; CUDA graphs on a GPU); the first batch of each shape compiles")
+    eos_check_every: int = Field(8, ge=1, description="with decode_loop static: decoding steps between checks "
+                                 "whether every answer has ended (the loop's only host synchronisation)")
+
     # vision skip: a temporal group whose frames repeat the last encoded group reuses its embeddings
     vision_skip: bool = Field(False, description="skip the vision tower on temporal groups that repeat an earlier one "
-                              "(off by default until its quality run is done: docs/benchmarks.md)")
+                              "(off by default: why, and its quality run, in docs/benchmarks.md)")
     vision_skip_threshold: float = Field(1.0, ge=0, description="mean absolute pixel difference (0-255, ~32 px "
                                          "copy) at or below which a group counts as a repeat (= actors.vision_skip)")
 
@@ -164,6 +173,8 @@ class RunConfig(BaseModel):
             self.compensation = default_compensation(self.pruner)
         if self.compensation != "none" and self.pruner == "none":
             raise ValueError("compensation needs a pruner (--pruner iwp, dycoke, ...); pruner 'none' drops nothing")
+        if self.compile_decode and self.decode_loop != "static":
+            raise ValueError("compile_decode needs decode_loop 'static' (the dynamic loop changes shapes every step)")
         if self.max_residual is not None and not self.pruner.startswith("iwp"):
             raise ValueError("max_residual (quality guard) needs an iwp pruner")
         if self.max_retention < self.retention:

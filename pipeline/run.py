@@ -406,6 +406,8 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                                            cfg.output, s3_endpoint=cfg.s3_endpoint, anon=cfg.anon),
                                        max_crashes=cfg.model_retries,
                                        skip_threshold=cfg.skip_threshold(),
+                                       decode_loop=cfg.decode_loop, compile_decode=cfg.compile_decode,
+                                       eos_check_every=cfg.eos_check_every,
                                        progress_counter=progress_counter))
     return ds
 

@@ -21,7 +21,7 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
     out = tmp_path / "speed"
     r = run_cli("bench", "speed", "--size", "tiny", "--frames", "4", "--batch-size", "2", "--retentions", "1,0.25",
                 "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3", "--clock", "process", "--out", str(out),
-                timeout=300)
+                "--compensation", "bias", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "prefill ×" in r.stdout and "e2e ×" in r.stdout
     csv_path = out / "speed_qwen2_5_vl_tiny_L2_f4_b2_cpu.csv"
@@ -29,6 +29,7 @@ def test_bench_speed_cli_writes_csv_png_and_ratio_table(tmp_path):
     assert tuple(rows[0].keys()) == CSV_COLUMNS
     assert [(x["pruner"], float(x["retention"])) for x in rows] == [("none", 1.0), ("iwp", 1.0), ("iwp", 0.25)]
     none, full, quarter = rows
+    assert [x["compensation"] for x in rows] == ["none", "bias", "bias"]
     assert none["layers"] == none["layers_full"] == "2" and none["device"] == "cpu" and none["clock"] == "process"
     assert int(quarter["visual_tokens_kept"]) == math.ceil(0.25 * int(quarter["visual_tokens"]))
     assert int(full["visual_tokens_kept"]) == int(full["visual_tokens"])
@@ -68,11 +69,15 @@ def test_bench_speed_llava_batched_prune_and_layer_override(tmp_path):
 
     cfg = SpeedConfig(arch="llava_onevision", size="tiny", frames=3, batch_size=2, retentions=(0.5, 0.25),
                       prune_modes=("per_video", "batched"), max_new_tokens=2, repeats=1, warmup=0, layers=1,
-                      out=tmp_path)
+                      decode_loops=("dynamic", "static"), out=tmp_path)
     rows, csv_path, png_path = run_speed(cfg, log=lambda m: None)
-    assert [(x["pruner"], x["prune_mode"], x["retention"]) for x in rows] == [
-        ("none", "per_video", 1.0), ("iwp", "per_video", 0.5), ("iwp", "per_video", 0.25),
-        ("iwp", "batched", 0.5), ("iwp", "batched", 0.25)]
+    cases = [("none", "per_video", 1.0), ("iwp", "per_video", 0.5), ("iwp", "per_video", 0.25),
+             ("iwp", "batched", 0.5), ("iwp", "batched", 0.25)]
+    assert [(x["pruner"], x["prune_mode"], x["retention"], x["decode_loop"]) for x in rows] == [
+        (*c, d) for d in ("dynamic", "static") for c in cases]
+    assert all(x["decode_steps"] == 1 and x["decode_ms_per_token"] > 0 for x in rows)
+    assert rows[5]["eos_check_every"] == 8 and rows[0]["eos_check_every"] == ""
+    assert csv_path.name == "speed_llava_onevision_tiny_L1_f3_b2_dynamic-static_cpu.csv"
     # the batched (lockstep) selection keeps exactly as many tokens as the per-video path
     assert rows[1]["visual_tokens_kept"] == rows[3]["visual_tokens_kept"]
     assert rows[0]["layers"] == 1 and rows[0]["layers_full"] == 2

@@ -27,6 +27,9 @@ def test_yaml_and_overrides_merge_with_dashes(tmp_path):
     ({"pruner": "random", "max_residual": 0.1}, "config", "needs an iwp pruner"),
     ({"pruner": "iwp", "compensation": "weights"}, "compensation", "'auto', 'none', 'bias', 'merge' or 'bias+merge'"),
     ({"compensation": "bias"}, "config", "compensation needs a pruner"),
+    ({"compile_decode": True}, "config", "compile_decode needs decode_loop 'static'"),
+    ({"decode_loop": "fast"}, "decode_loop", "'dynamic' or 'static'"),
+    ({"decode_loop": "static", "eos_check_every": 0}, "eos_check_every", "greater than or equal to 1"),
     ({"pruner": "iwp", "compensation_assignment": "frame"}, "compensation_assignment", "'global' or 'chunk'"),
 ])
 def test_bad_values_name_the_field_and_reason(overrides, field, reason):
@@ -89,3 +92,9 @@ def test_config_iwp_defaults_match_the_library():
     assert (cfg.iwp_lambda, cfg.iwp_temperature, cfg.iwp_floor, cfg.iwp_chunking, cfg.iwp_head_agg,
             cfg.iwp_selection, cfg.iwp_chunk_budget) == (
         lib.lam, lib.temperature, lib.floor, lib.chunking, lib.head_agg, lib.selection, lib.chunk_budget)
+
+
+def test_the_decode_loop_is_not_in_the_labeling_hash():
+    """Both loops give the same tokens (tests/test_static_decode.py): switching must not relabel a corpus."""
+    static = RunConfig(**BASE, decode_loop="static", compile_decode=True, eos_check_every=4)
+    assert static.labeling_hash() == RunConfig(**BASE).labeling_hash()

@@ -120,3 +120,15 @@ def test_pruner_registry_is_the_one_config_validates_against():
     from pipeline import config
 
     assert config.PRUNERS is registry.PRUNERS is baselines.PRUNERS
+
+
+def test_preflight_imports_no_torch(tmp_path):
+    """Preflight (model check, revision pin, listing) stays torch-free: a finished re-run must not pay its import."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    code = ("import sys; from pipeline.config import RunConfig; from pipeline.run import preflight; "
+            f"preflight(RunConfig(input={str(videos)!r}, output={str(tmp_path / 'out')!r}, "
+            "model='actors/assets/tiny-qwen2_5_vl-synthqa'), empty_ok=True); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m == 'ray'); print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU measurement set of docs/benchmarks.md in one go (< 5 minutes on an H100/H200), on a machine
+# The whole GPU measurement set of docs/benchmarks.md in one go (expected < 5 minutes on an H100/H200;
+# the timeouts cap it at 8), on a machine
 # with only PyTorch + torchvision: installs bench/gpu/wheels offline, then writes CSVs and logs to $OUT.
 #   bash bench/gpu/run_suite.sh            (from the repository root)
 set -euo pipefail
@@ -17,4 +18,9 @@ timeout 60 python -m bench.pcmmr_form --device cuda --batches 1,4,16 --repeats 5
 for content in static panning; do
   timeout 150 python -m bench.gpu_suite --content "$content" --out "$OUT" | tee "$OUT/speed_$content.txt"
 done
+# 3. decoding per step with the compensation bias on (a 4-D float mask: no flash kernel in any loop), IWP 25 %:
+#    the dynamic loop, the static-cache loop, and the static loop with its step compiled (torch.compile
+#    mode="reduce-overhead": CUDA graphs); the warm-up pass compiles
+timeout 150 python -m bench.gpu_suite --content static --retentions 0.25 --no-vision-skip --compensation bias \
+  --repeats 2 --decode-loops dynamic,static,compiled --out "$OUT" | tee "$OUT/decode_loops.txt"
 echo "done: $OUT"
