@@ -93,23 +93,28 @@ class QualityConfig:
             raise ValueError("nothing to do: --videos 0 and --big-videos 0")
 
 
-COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed")
+COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed", "iwp_pcmmr")
 TEMPORAL_QTYPES = ("appeared_first", "appeared_last", "disappeared", "changed", "direction")
 
 
 def default_methods() -> tuple[str, ...]:
-    """Every pruner plain, and the main ones with the log-count bias (`dycoke+bias`, ...)."""
+    """Every pruner at its defaults (`iwp` includes its default compensation), IWP without it (`iwp+none`), and
+    the main baselines with the log-count bias (`dycoke+bias`, ...)."""
     from iwp import PRUNERS
+    from iwp.registry import default_compensation
 
-    return tuple(PRUNERS) + tuple(f"{m}+bias" for m in COMPENSATED_BY_DEFAULT)
+    return tuple(PRUNERS) + tuple(f"{m}+none" for m in PRUNERS if default_compensation(m) != "none") + tuple(
+        f"{m}+bias" for m in COMPENSATED_BY_DEFAULT if default_compensation(m) != "bias")
 
 
 def parse_method(name: str) -> tuple[str, str]:
-    """'dycoke+bias+merge' → ('dycoke', 'bias+merge'); 'iwp' → ('iwp', 'none')."""
+    """'dycoke+bias+merge' → ('dycoke', 'bias+merge'); 'dycoke' → ('dycoke', 'none'); 'iwp' → ('iwp', its default
+    compensation, 'bias'); 'iwp+none' → ('iwp', 'none')."""
     from iwp import COMPENSATIONS
+    from iwp.registry import default_compensation
 
     base, _, comp = name.partition("+")
-    comp = comp or "none"
+    comp = comp or default_compensation(base)
     if comp not in COMPENSATIONS:
         raise ValueError(f"methods: unknown compensation {comp!r} in {name!r}; choose from {', '.join(COMPENSATIONS)}")
     return base, comp
@@ -178,7 +183,7 @@ def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print, per
 
     rows, by_type = [], []
     for method, r in cases:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         base, comp = parse_method(method)
         spec = PruneSpec(method=base, retention=r, settings=settings, seed=seed, compensation=comp)
         res = answer_items(qa, encoded, items, spec, loglik=True)
@@ -200,7 +205,7 @@ def accuracy_rows(qa, encoded, items, cases, settings, seed: int, log=print, per
                             "loglik_accuracy": float(np.mean([x["loglik_correct"] for x, _ in sel])),
                             "chance": float(np.mean([1 / len(it.options) for _, it in sel]))})
         log(f"  {method:>15} @ {r:<5g} acc {row['accuracy']:.3f}  loglik {row['loglik_accuracy']:.3f}  "
-            f"kept {kept:.1f}/{row['full_tokens']}  ({time.perf_counter() - t0:.1f}s)")
+            f"kept {kept:.1f}/{row['full_tokens']}  ({time.perf_counter() - t0:.1f}s, {time.process_time() - c0:.1f} CPU s)")
     _add_relative(rows)
     return rows, by_type
 
@@ -302,7 +307,8 @@ def add_answer_changed(rows: list[dict], per_question: dict) -> None:
 
 def paired_rows(per_question: dict, items, n_boot: int, seed: int, key: str = "correct") -> list[dict]:
     """At every retention < 1: IWP (the method named exactly `iwp`) minus every other method, over the same
-    questions, with a paired-bootstrap 95 % CI; plus iwp minus iwp_fixed on the questions that need time."""
+    questions, with a paired-bootstrap 95 % CI; plus iwp minus iwp_fixed (with any compensation) and minus
+    iwp_pcmmr on the questions that need time."""
     out = []
     rets = sorted({r for (_m, r) in per_question if r < 1.0}, reverse=True)
     temporal = np.array([it.qtype in TEMPORAL_QTYPES for it in items])
@@ -319,7 +325,7 @@ def paired_rows(per_question: dict, items, n_boot: int, seed: int, key: str = "c
             out.append({"retention": r, "subset": "all", "method": m, "baseline": is_baseline(m),
                         "iwp": round(float(a.mean()), 4), "other": round(float(b.mean()), 4),
                         "diff": round(diff, 4), "ci_lo": round(lo, 4), "ci_hi": round(hi, 4), "iwp_is": verdict(lo, hi)})
-            if m == "iwp_fixed" and temporal.any():
+            if parse_method(m)[0] in ("iwp_fixed", "iwp_pcmmr") and temporal.any():
                 diff, lo, hi = paired_ci(a[temporal], b[temporal], n_boot, seed)
                 out.append({"retention": r, "subset": "temporal", "method": m, "baseline": False,
                             "iwp": round(float(a[temporal].mean()), 4), "other": round(float(b[temporal].mean()), 4),
@@ -438,7 +444,7 @@ def fidelity_rows(qa, encoded, prompts: list[str], cases, settings, seed: int, m
         n_texts.append(n_text)
     rows = []
     for method, r in cases:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         base, comp = parse_method(method)
         spec = PruneSpec(method=base, retention=r, settings=settings, seed=seed, compensation=comp)
         attn, hidden, final, resid = [], [], [], []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .cover import select_tokens_cover
 from .layout import TokenLayout
 from .metric import relative_residual
 from .registry import PRUNERS
@@ -199,11 +200,14 @@ def _require_kv(method: str, keys, values, n: int) -> None:
         raise ValueError(f"{method!r}: keys/values have {keys.shape[0]}/{values.shape[0]} tokens, expected {n}")
 
 
+PCMMR = {"selection": "pcmmr", "chunk_budget": "floor", "floor": 0.25}  # the temporal IWP before issue 13b
 IWP_VARIANTS = {
     "iwp": {},
-    "iwp_magnitude": {"score": "magnitude"},
-    "iwp_duplication": {"score": "duplication"},
-    "iwp_fixed": {"chunking": "fixed"},
+    # MMR's λ = 1 / λ = 0 ablations (PC-MMR at the caller's floor)
+    "iwp_magnitude": {"selection": "pcmmr", "chunk_budget": "floor", "score": "magnitude"},
+    "iwp_duplication": {"selection": "pcmmr", "chunk_budget": "floor", "score": "duplication"},
+    "iwp_fixed": {"chunking": "fixed"},  # paper-style fixed-size chunks (PC-MMR)
+    "iwp_pcmmr": PCMMR,
 }
 
 
@@ -259,7 +263,10 @@ def prune_tokens(
     else:
         _require_kv(method, keys, values, n)
         variant = replace(settings, **IWP_VARIANTS[method])
-        keep = select_tokens_pcmmr(keys, values, layout, budget, variant)
+        if variant.chunking == "temporal" and (variant.selection, variant.chunk_budget) != ("pcmmr", "floor"):
+            keep = select_tokens_cover(keys, values, layout, budget, variant)
+        else:
+            keep = select_tokens_pcmmr(keys, values, layout, budget, variant)
         residual = relative_residual(keys, values, keep, variant, generator=generator)
         return PruneResult(keep, residual=residual)
     return PruneResult(torch.sort(keep).values)

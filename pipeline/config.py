@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from iwp.registry import PRUNERS
+from iwp.registry import PRUNERS, default_compensation
 
 DEFAULT_CAPTION_PROMPT = "Describe this video."
 
@@ -95,13 +95,19 @@ class RunConfig(BaseModel):
     retention: float = Field(1.0, gt=0, le=1, description="fraction of visual tokens kept, ceil(R*N)")
     iwp_lambda: float = Field(0.3, ge=0, le=1, description="IWP: weight of duplication against magnitude")  # = iwp.IWPSettings defaults (tests check they agree)
     iwp_temperature: float = Field(1.0, gt=0, description="IWP: key-kernel temperature")
-    iwp_floor: float = Field(0.25, ge=0, le=1, description="IWP: share of the budget spread evenly over chunks")
+    iwp_floor: float = Field(1.0, ge=0, le=1, description="IWP: share of the budget spread evenly over chunks")
     iwp_chunking: Literal["temporal", "fixed"] = Field("temporal", description="IWP: chunks per temporal token group or fixed size")
     iwp_head_agg: Literal["mean", "frobenius"] = Field("mean", description="IWP: how attention heads are combined")
+    iwp_selection: Literal["pcmmr", "cover"] = Field("cover", description="IWP: inside a temporal group, pick by "
+                                                     "magnitude − duplication (pcmmr) or by coverage gain (cover)")
+    iwp_chunk_budget: Literal["floor", "novelty", "size", "global"] = Field(
+        "novelty", description="IWP: split the budget over temporal groups: floor + global rest, ∝ novelty, ∝ size, "
+                             "or no groups")
     iwp_layer: int = Field(0, ge=0, description="IWP: decoder layer whose keys/values score tokens (only 0)")
-    compensation: Literal["none", "bias", "merge", "bias+merge"] = Field(
-        "none", description="give kept visual tokens the attention mass of the pruned tokens they stand for: "
-                            "bias = log-count attention bias, merge = size-weighted mean embedding")
+    compensation: Literal["auto", "none", "bias", "merge", "bias+merge"] = Field(
+        "auto", description="give kept visual tokens the attention mass of the pruned tokens they stand for: "
+                            "bias = log-count attention bias, merge = size-weighted mean embedding; auto = the "
+                            "pruner's default (bias for iwp, none for the others)")
     compensation_assignment: Literal["global", "chunk"] = Field(
         "global", description="pruned tokens go to the most duplicated kept token of the whole video or of their temporal chunk")
     max_residual: Optional[float] = Field(None, gt=0, description="IWP quality guard: raise retention until the residual is below this")
@@ -163,6 +169,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
         if self.pruner == "none" and self.retention != 1.0:
             raise ValueError("retention < 1 needs a pruner (--pruner iwp, random, ...); pruner 'none' keeps every token")
+        if self.compensation == "auto":  # resolved once, so rows, hash and run record name what ran
+            self.compensation = default_compensation(self.pruner)
         if self.compensation != "none" and self.pruner == "none":
             raise ValueError("compensation needs a pruner (--pruner iwp, dycoke, ...); pruner 'none' drops nothing")
         if self.compile_decode and self.decode_loop != "static":
@@ -194,6 +202,9 @@ class RunConfig(BaseModel):
                 "max_pixels": self.max_pixels, "max_new_tokens": self.max_new_tokens, "pruner": self.pruner,
                 "retention": self.retention, "iwp_lambda": self.iwp_lambda, "iwp_temperature": self.iwp_temperature,
                 "iwp_floor": self.iwp_floor, "iwp_chunking": self.iwp_chunking, "iwp_head_agg": self.iwp_head_agg,
+                # only for IWP pruners (the others' hashes stay as they were before these knobs existed)
+                **({"iwp_selection": self.iwp_selection, "iwp_chunk_budget": self.iwp_chunk_budget}
+                   if self.pruner.startswith("iwp") else {}),
                 "iwp_layer": self.iwp_layer, "compensation": self.compensation,
                 "compensation_assignment": self.compensation_assignment, "max_residual": self.max_residual,
                 "max_retention": self.max_retention, "seed": self.seed, "dtype": self.dtype,

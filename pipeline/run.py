@@ -380,7 +380,9 @@ def build_dataset(cfg: RunConfig, todo: list[VideoInput], run_id: str, labeling_
                       max_residual=cfg.max_residual, max_retention=cfg.max_retention,
                       compensation=cfg.compensation, compensation_assignment=cfg.compensation_assignment,
                       settings=IWPSettings(lam=cfg.iwp_lambda, temperature=cfg.iwp_temperature, floor=cfg.iwp_floor,
-                                           chunking=cfg.iwp_chunking, head_agg=cfg.iwp_head_agg, seed=cfg.seed))
+                                           chunking=cfg.iwp_chunking, head_agg=cfg.iwp_head_agg,
+                                           selection=cfg.iwp_selection, chunk_budget=cfg.iwp_chunk_budget,
+                                           seed=cfg.seed))
     row_defaults = {"model": cfg.model, "model_revision": cfg.model_revision, "labeling_hash": labeling_hash,
                     "run_id": run_id, "pipeline_version": __version__,
                     "created_at": datetime.now(timezone.utc), "schema_version": SCHEMA_VERSION}
@@ -451,7 +453,7 @@ def run_record(cfg: RunConfig, summary: RunSummary, *, status: str, exit_code: i
             "input": cfg.input, "model": cfg.model, "model_revision": cfg.model_revision, "task": cfg.task,
             "pruning": {k: getattr(cfg, k) for k in (
                 "pruner", "retention", "iwp_lambda", "iwp_temperature", "iwp_floor", "iwp_chunking",
-                "iwp_head_agg", "iwp_layer", "compensation", "compensation_assignment", "max_residual",
+                "iwp_head_agg", "iwp_selection", "iwp_chunk_budget", "iwp_layer", "compensation", "compensation_assignment", "max_residual",
                 "max_retention", "seed")},
             "labeling_inputs": cfg.labeling_inputs(), "schema_version": SCHEMA_VERSION,
             "pipeline_version": __version__,

@@ -25,7 +25,7 @@ def test_yaml_and_overrides_merge_with_dashes(tmp_path):
     ({"start": 5.0, "end": 2.0}, "config", "must be greater than start"),
     ({"iwp_layer": 3}, "iwp_layer", "only layer 0"),
     ({"pruner": "random", "max_residual": 0.1}, "config", "needs an iwp pruner"),
-    ({"pruner": "iwp", "compensation": "weights"}, "compensation", "'none', 'bias', 'merge' or 'bias+merge'"),
+    ({"pruner": "iwp", "compensation": "weights"}, "compensation", "'auto', 'none', 'bias', 'merge' or 'bias+merge'"),
     ({"compensation": "bias"}, "config", "compensation needs a pruner"),
     ({"compile_decode": True}, "config", "compile_decode needs decode_loop 'static'"),
     ({"decode_loop": "fast"}, "decode_loop", "'dynamic' or 'static'"),
@@ -57,7 +57,22 @@ def test_labeling_hash_tracks_what_changes_the_text():
     # the prompt is the row's prompt_id, not part of the labeling config: a new prompt adds rows only
     assert a.labeling_hash() == RunConfig(**BASE, prompt="What happens?").labeling_hash()
     iwp = RunConfig(**BASE, pruner="iwp", retention=0.5)
-    assert iwp.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5, compensation="bias").labeling_hash()
+    assert iwp.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5, compensation="none").labeling_hash()
+    other = "cover" if iwp.iwp_selection == "pcmmr" else "pcmmr"
+    assert iwp.labeling_hash() != RunConfig(**BASE, pruner="iwp", retention=0.5, iwp_selection=other).labeling_hash()
+    # the IWP selection knobs are hashed only for IWP pruners: other pruners' hashes did not move
+    dy = RunConfig(**BASE, pruner="dycoke", retention=0.5)
+    assert "iwp_selection" not in dy.labeling_inputs() and "iwp_selection" in iwp.labeling_inputs()
+
+
+def test_compensation_auto_is_the_pruners_default():
+    """IWP's shipped defaults include the log-count bias; every other pruner runs as published; an explicit value wins."""
+    from iwp.registry import default_compensation
+
+    assert RunConfig(**BASE).compensation == "none"
+    assert RunConfig(**BASE, pruner="iwp", retention=0.5).compensation == default_compensation("iwp") == "bias"
+    assert RunConfig(**BASE, pruner="dycoke", retention=0.5).compensation == "none"
+    assert RunConfig(**BASE, pruner="iwp", retention=0.5, compensation="none").compensation == "none"
 
 
 def test_compensation_is_a_yaml_key_and_a_flag(tmp_path):
@@ -74,8 +89,9 @@ def test_config_iwp_defaults_match_the_library():
     from pipeline.config import RunConfig
 
     cfg, lib = RunConfig(input="x", output="y", model="m"), IWPSettings()
-    assert (cfg.iwp_lambda, cfg.iwp_temperature, cfg.iwp_floor, cfg.iwp_chunking, cfg.iwp_head_agg) == (
-        lib.lam, lib.temperature, lib.floor, lib.chunking, lib.head_agg)
+    assert (cfg.iwp_lambda, cfg.iwp_temperature, cfg.iwp_floor, cfg.iwp_chunking, cfg.iwp_head_agg,
+            cfg.iwp_selection, cfg.iwp_chunk_budget) == (
+        lib.lam, lib.temperature, lib.floor, lib.chunking, lib.head_agg, lib.selection, lib.chunk_budget)
 
 
 def test_the_decode_loop_is_not_in_the_labeling_hash():

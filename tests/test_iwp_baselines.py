@@ -153,11 +153,15 @@ def test_dycoke_merges_repeated_frames_into_the_first():
     assert small.keep.numel() == 6 and small.embeds.shape == (6, D)
 
 
-def test_iwp_uses_pcmmr_and_reports_the_residual():
+def test_iwp_uses_temporal_cover_and_reports_the_residual():
+    from iwp.cover import select_tokens_cover
+
     x = inputs()
     s = IWPSettings(lam=0.6)
     result = prune_tokens("iwp", x["embeds"], LAYOUT, 20, keys=x["keys"], values=x["values"], settings=s)
-    assert torch.equal(result.keep, select_tokens_pcmmr(x["keys"], x["values"], LAYOUT, 20, s))
+    assert torch.equal(result.keep, select_tokens_cover(x["keys"], x["values"], LAYOUT, 20, s))
+    pcmmr = prune_tokens("iwp_pcmmr", x["embeds"], LAYOUT, 20, keys=x["keys"], values=x["values"], settings=s)
+    assert torch.equal(pcmmr.keep, select_tokens_pcmmr(x["keys"], x["values"], LAYOUT, 20, IWPSettings(lam=0.6, floor=0.25)))
     assert result.residual == pytest.approx(relative_residual(x["keys"], x["values"], result.keep, s))
     assert 0.0 < result.residual < 1.0
     fixed = prune_tokens("iwp_fixed", x["embeds"], LAYOUT, 20, keys=x["keys"], values=x["values"], settings=s)

@@ -155,7 +155,7 @@ def test_repeated_frame_later_copies_get_only_the_floor(head_agg, key_scale):
     frame_k, frame_v = random_kv(per_chunk, heads=2, dk=16, dv=16, seed=7)
     keys, values = (frame_k * key_scale).repeat(n_chunks, 1, 1), frame_v.repeat(n_chunks, 1, 1)
     layout = TokenLayout((per_chunk,) * n_chunks, grid_hw=(8, 8))
-    s = IWPSettings(head_agg=head_agg)
+    s = IWPSettings(head_agg=head_agg, floor=0.25)  # the PC-MMR floor these tests were written for
     budget = budget_for(layout.n_tokens, 0.2)  # 52 tokens
     f = expected_floor(budget, n_chunks, s.floor)
     assert f == 3
@@ -173,7 +173,7 @@ def test_static_background_moves_budget_to_the_changing_chunk():
     keys = torch.cat([frame_k, frame_k, new_k, frame_k])
     values = torch.cat([frame_v, frame_v, new_v, frame_v])
     layout = TokenLayout((16,) * 4)
-    counts = chunk_counts(select_tokens_pcmmr(keys, values, layout, 24, IWPSettings()), layout)
+    counts = chunk_counts(select_tokens_pcmmr(keys, values, layout, 24, IWPSettings(floor=0.25)), layout)
     assert counts[1] == counts[3] == expected_floor(24, 4, 0.25)
     assert counts[2] >= 8 and counts[0] >= 8
 
@@ -181,7 +181,7 @@ def test_static_background_moves_budget_to_the_changing_chunk():
 @pytest.mark.parametrize("chunking", ["temporal", "fixed"])
 @pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
 def test_batch_equals_per_video(chunking, head_agg):
-    s = IWPSettings(chunking=chunking, head_agg=head_agg, fixed_chunk_size=10)
+    s = IWPSettings(chunking=chunking, head_agg=head_agg, fixed_chunk_size=10, floor=0.25)
     layouts = [TokenLayout((12,) * 3), TokenLayout((7, 20, 3, 9)), TokenLayout((5,)), TokenLayout((16,) * 4)]
     budgets = [budget_for(layout.n_tokens, r) for layout, r in zip(layouts, (0.3, 0.55, 1.0, 0.1))]
     kv = [random_kv(layout.n_tokens, heads=2, dk=8, dv=8, seed=i) for i, layout in enumerate(layouts)]
@@ -205,7 +205,7 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize("key_scale", [1.0, 4.0])
 def test_matrix_form_picks_equal_the_elementwise_form(seed, head_agg, key_scale):
     # Random continuous inputs: the forms differ by rounding only, so no near-tie flips a pick here.
-    s = IWPSettings(head_agg=head_agg, lam=0.5)
+    s = IWPSettings(head_agg=head_agg, lam=0.5, floor=0.25)
     layouts = [TokenLayout((48,) * 4), TokenLayout((30, 50, 20)), TokenLayout((64,) * 2)]
     kv = [random_kv(layout.n_tokens, heads=4, dk=32, dv=32, seed=10 * seed + i, key_scale=key_scale)
           for i, layout in enumerate(layouts)]

@@ -218,7 +218,34 @@ def test_paired_bootstrap_and_rank_correlation():
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert rank_correlation([1, 2, 3, 4], [1, 0, 0, 0]) == pytest.approx(-np.sqrt(0.6))  # ties get average ranks
     assert rank_correlation([1, 1, 1], [0, 1, 0]) is None
-    assert parse_method("dycoke+bias+merge") == ("dycoke", "bias+merge") and parse_method("iwp") == ("iwp", "none")
+    assert parse_method("dycoke+bias+merge") == ("dycoke", "bias+merge") and parse_method("dycoke") == ("dycoke", "none")
+    assert parse_method("iwp") == ("iwp", "bias") and parse_method("iwp+none") == ("iwp", "none")  # shipped defaults
     assert is_baseline("dycoke+bias") and not is_baseline("iwp_fixed+bias") and not is_baseline("none")
     with pytest.raises(ValueError, match="unknown compensation"):
         parse_method("iwp+weights")
+
+
+def test_cached_option_scores_equal_whole_prefills(qa_model_dir):
+    """Option log-likelihood from one prompt prefill + a cached continuation per option equals prefilling every
+    (prompt + option) whole, with and without the compensation bias."""
+    from actors.splice import PruneSpec
+    from bench.quality import encode_clips, load_qa
+
+    qa = load_qa(str(qa_model_dir))
+    enc, items = encode_clips(qa, "test", 3, 0, 2, "mc", count_every=1)
+    for spec in (PruneSpec(), PruneSpec(method="iwp", retention=0.25, compensation="bias")):
+        pairs = [(qa.splice(enc[it.video], qa.prune(enc[it.video], spec), it.prompt), it.options) for it in items]
+        cached, whole = qa.option_scores_batch(pairs, batch_size=4), qa.option_scores_batch_full(pairs)
+        assert [len(c) for c in cached] == [len(it.options) for it in items]
+        np.testing.assert_allclose(np.concatenate(cached), np.concatenate(whole), atol=1e-3, rtol=1e-4)
+
+
+def test_iwp_ablation_compares_variants_on_validation(tmp_path, qa_model_dir):
+    from bench.iwp_ablation import VARIANTS, run_ablation
+
+    names = ["floor+pcmmr", "novelty+cover,floor1"]
+    rows = run_ablation(str(qa_model_dir), 2, [0.25], {n: VARIANTS[n] for n in names}, "bias", 0, 2, tmp_path, None,
+                        100, log=lambda m: None)
+    assert [r["variant"] for r in rows] == names and all(r["questions"] == 4 for r in rows)
+    assert "diff_all" not in rows[0] and -1.0 <= rows[1]["diff_all"] <= 1.0
+    assert (tmp_path / "ablation.csv").is_file() and "novelty+cover,floor1" in (tmp_path / "ablation.md").read_text()
