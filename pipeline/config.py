@@ -201,7 +201,10 @@ class RunConfig(BaseModel):
                 "max_frames": self.max_frames if fps_mode else None, "start": self.start, "end": self.end,
                 "max_pixels": self.max_pixels, "max_new_tokens": self.max_new_tokens, "pruner": self.pruner,
                 "retention": self.retention, "iwp_lambda": self.iwp_lambda, "iwp_temperature": self.iwp_temperature,
-                "iwp_floor": self.iwp_floor, "iwp_chunking": self.iwp_chunking, "iwp_head_agg": self.iwp_head_agg,
+                # only IWP selection reads the floor: other pruners hash the value their v2 rows carry (the
+                # default before issue 13 moved it to 1.0), so their finished outputs stay done
+                "iwp_floor": self.iwp_floor if self.pruner.startswith("iwp") else LEGACY_DEFAULTS["iwp_floor"],
+                "iwp_chunking": self.iwp_chunking, "iwp_head_agg": self.iwp_head_agg,
                 # only for IWP pruners (the others' hashes stay as they were before these knobs existed)
                 **({"iwp_selection": self.iwp_selection, "iwp_chunk_budget": self.iwp_chunk_budget}
                    if self.pruner.startswith("iwp") else {}),
@@ -222,12 +225,14 @@ class RunConfig(BaseModel):
                 "start", "end", "max_pixels", "max_new_tokens", "pruner", "retention", "iwp_lambda",
                 "iwp_temperature", "iwp_floor", "iwp_chunking", "iwp_head_agg", "iwp_layer", "max_residual",
                 "max_retention", "seed", "dtype"]
-        payload = {k: getattr(self, k) for k in keys}
+        payload = {k: LEGACY_DEFAULTS[k] if k in LEGACY_DEFAULTS and k not in self.model_fields_set else getattr(self, k)
+                   for k in keys}  # a field left unset had 0.1.0's default then
         if self.questions and Path(self.questions).is_file():
             payload["questions_sha"] = hashlib.sha256(Path(self.questions).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+LEGACY_DEFAULTS = {"iwp_floor": 0.25}  # 0.1.0 defaults of fields whose default has changed since
 HASH_VERSION = 2  # bumped whenever labeling_inputs() changes meaning (README "Versioning")
 PATH_FIELDS = ("input", "output", "questions")  # in a YAML file, relative to the file's folder
 

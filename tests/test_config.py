@@ -98,3 +98,25 @@ def test_the_decode_loop_is_not_in_the_labeling_hash():
     """Both loops give the same tokens (tests/test_static_decode.py): switching must not relabel a corpus."""
     static = RunConfig(**BASE, decode_loop="static", compile_decode=True, eos_check_every=4)
     assert static.labeling_hash() == RunConfig(**BASE).labeling_hash()
+
+
+@pytest.mark.parametrize("kw, previous", [
+    ({}, "fdb54c00df82076c"),
+    ({"pruner": "dycoke", "retention": 0.25}, "5b84b8abcacf7b15"),
+    ({"pruner": "random", "retention": 0.5, "compensation": "bias"}, "40b7265961814cc5"),
+])
+def test_non_iwp_labeling_hash_is_what_the_previous_release_wrote(kw, previous):
+    """Issue 13 moved IWP's floor default; pruners that never read it keep their hash, so finished outputs stay
+    done. `previous`: labeling_hash() of the same config computed by the code at commit 3aaf9c2."""
+    cfg = RunConfig(input="/data/videos", output="/data/out", model="Qwen/Qwen2.5-VL-7B-Instruct",
+                    model_revision="abc123", **kw)
+    assert cfg.labeling_hash() == previous
+
+
+def test_legacy_hash_uses_the_old_default_of_an_unset_field():
+    unset = RunConfig(input="/data/videos", output="/data/out", model="m", pruner="iwp", retention=0.25)
+    old_default = RunConfig(input="/data/videos", output="/data/out", model="m", pruner="iwp", retention=0.25,
+                            iwp_floor=0.25)
+    new_default = RunConfig(input="/data/videos", output="/data/out", model="m", pruner="iwp", retention=0.25,
+                            iwp_floor=1.0)
+    assert unset.legacy_labeling_hash() == old_default.legacy_labeling_hash() != new_default.legacy_labeling_hash()
