@@ -126,6 +126,15 @@ def is_baseline(method: str) -> bool:
     return base != "none" and not base.startswith("iwp")
 
 
+def repo_relative(path: str | None) -> str | None:
+    """A path inside this repository as relative to it: saved outputs carry no machine's checkout path."""
+    if path is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+
 def default_model() -> str:
     if (SHIPPED_MODEL / "config.json").is_file():
         return str(SHIPPED_MODEL)
@@ -824,7 +833,7 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
     meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
     md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type, paired, paired_loglik)
     (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in asdict(cfg).items()}, "model": model_path,
+                                                     for k, v in asdict(cfg).items()}, "model": repo_relative(model_path),
                                                  "iwp_settings": chosen, "torch": torch.__version__}, indent=2))
     return {"accuracy": acc, "by_type": by_type, "fidelity": fid, "sweep": sweep, "chosen": chosen, "markdown": md,
             "paired": paired}
