@@ -18,7 +18,6 @@ from actors.attention_bias import open_step_slot, static_key_row, static_prefill
 from actors.generation import (GenerationResult, SplicedSequence, greedy_generate, left_pad, left_pad_key_bias,
                                position_arg, sync_device, tokens_until_eos)
 
-DECODE_LOOPS = ("dynamic", "static")
 DEFAULT_EOS_CHECK_EVERY = 8
 # the cache length is rounded up to a multiple of this, so batches of similar lengths share one compiled step
 CACHE_BUCKET = 64
@@ -42,7 +41,6 @@ class StaticDecoder:
         self.embed_tokens = model.get_input_embeddings()
         self._cache = None
         self._cache_key = None
-        self.compiled = compile_step
         device = next(model.parameters()).device
         # CUDA graphs on a GPU (the per-step launch overhead is the point); plain inductor code on a CPU
         mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
