@@ -39,6 +39,9 @@ DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
 SWEEP_GRID = {"lam": (0.1, 0.3, 0.5, 0.7, 0.9), "temperature": (0.5, 1.0, 2.0, 4.0), "floor": (0.0, 0.25, 0.5)}
 SWEEP_RETENTIONS = (0.25, 0.10)
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "actors" / "assets" / "tiny-qwen2_5_vl-synthqa"
+# the trained models shipped for this benchmark, by the name `--models` takes: the first sees 128 visual tokens per
+# clip, the second (the first fine-tuned with the clips upscaled to 168 px) 288
+SHIPPED_MODELS = {"shipped": SHIPPED_MODEL, "shipped-168": SHIPPED_MODEL.with_name("tiny-qwen2_5_vl-synthqa-168")}
 
 ACCURACY_COLUMNS = ("model", "method", "retention", "questions", "accuracy", "loglik_accuracy", "rel_accuracy",
                     "rel_loglik_accuracy", "kept_tokens", "full_tokens", "residual_mean", "answer_changed",
@@ -50,6 +53,7 @@ FIDELITY_COLUMNS = ("model", "method", "retention", "videos", "attn_err_mean", "
 @dataclass
 class QualityConfig:
     model: Optional[str] = None            # default: the shipped trained tiny model
+    models: tuple[str, ...] = ()           # several models in one run (names in SHIPPED_MODELS or directories)
     seed: int = 0
     videos: int = 200                      # test clips for accuracy
     per_clip: int = 3                      # questions per clip
@@ -91,6 +95,16 @@ class QualityConfig:
             raise ValueError("videos must be >= 0 (0: only the 7B-shaped fidelity) and per_clip >= 1")
         if self.videos == 0 and not self.big_videos:
             raise ValueError("nothing to do: --videos 0 and --big-videos 0")
+        if self.model and self.models:
+            raise ValueError("models: give --model or --models, not both")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: a model is named twice in {','.join(self.models)}")
+
+    def model_paths(self) -> list[str]:
+        """The model directories to run, in order (`--models`, else `--model`, else the first shipped model)."""
+        if self.models:
+            return [resolve_model(m) for m in self.models]
+        return [self.model or default_model()]
 
 
 COMPENSATED_BY_DEFAULT = ("random", "uniform", "divprune", "visionzip", "dycoke", "iwp", "iwp_fixed", "iwp_pcmmr")
@@ -133,6 +147,16 @@ def repo_relative(path: str | None) -> str | None:
     root = Path(__file__).resolve().parents[1]
     p = Path(path).resolve()
     return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+
+def resolve_model(name: str) -> str:
+    """A `--models` entry: a shipped model's name (SHIPPED_MODELS) or a model directory."""
+    path = SHIPPED_MODELS.get(name)
+    if path is None:
+        return name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"models: the shipped model {name!r} is missing from this install ({path})")
+    return str(path)
 
 
 def default_model() -> str:
@@ -692,6 +716,14 @@ def paired_table(paired: list[dict]) -> str:
 def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[dict], sweep: list[dict],
                    chosen: dict, meta: dict, by_type: list[dict] | None = None, paired: list[dict] | None = None,
                    paired_loglik: list[dict] | None = None) -> Path:
+    path.write_text(markdown_text(cfg, acc, fid, sweep, chosen, meta, by_type, paired, paired_loglik))
+    return path
+
+
+def markdown_text(cfg: QualityConfig, acc: list[dict], fid: list[dict], sweep: list[dict], chosen: dict, meta: dict,
+                  by_type: list[dict] | None = None, paired: list[dict] | None = None,
+                  paired_loglik: list[dict] | None = None) -> str:
+    """One model's report: its accuracy tables, paired comparisons, per-type table, fidelity and sweep."""
     by_type = by_type or []
     paired = paired or []
     lines = [f"# Quality benchmark ({meta['model_name']})", "",
@@ -752,11 +784,52 @@ def write_markdown(path: Path, cfg: QualityConfig, acc: list[dict], fid: list[di
         for s in sweep:
             lines.append("| " + " | ".join(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]) for k in keys) + " |")
         lines += ["", f"Chosen: {chosen}", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ run
+
+def model_quality(cfg: QualityConfig, model_path: str, base, cases, log=print) -> dict:
+    """Accuracy (and the trained model's fidelity, the optional sweep) of one model on the test clips; every
+    row carries the model's name."""
+    fid_cases = [(m, r) for m, r in cases if r < 1.0]
+    model_name = Path(model_path).name
+    qa = load_qa(model_path, cfg.threads)
+    sweep, chosen = [], {"lam": base.lam, "temperature": base.temperature, "floor": base.floor}
+    if cfg.sweep_videos:
+        log(f"{model_name}: sweeping IWP settings on {cfg.sweep_videos} validation clips ...")
+        sweep, chosen = sweep_iwp(qa, cfg, base, log=log)
+        log(f"chosen IWP settings: {chosen} (defaults: lam={base.lam}, temperature={base.temperature}, "
+            f"floor={base.floor})")
+    settings = replace(base, **chosen)
+    log(f"{model_name}: accuracy on {cfg.videos} test clips, {len(cases)} method x retention cases ...")
+    encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt, count_every=cfg.count_every)
+    per_question: dict = {}
+    acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log, per_question=per_question)
+    add_answer_changed(acc, per_question)
+    paired = paired_rows(per_question, items, cfg.bootstrap, cfg.seed)
+    paired_loglik = paired_rows(per_question, items, cfg.bootstrap, cfg.seed, key="loglik_correct")
+    for r in acc:
+        r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
+    for r in by_type + paired + paired_loglik:
+        r["model"] = model_name
+    for r in paired:
+        r["score"] = "accuracy"
+    for r in paired_loglik:
+        r["score"] = "loglik_accuracy"
+    fid = []
+    if cfg.fidelity_videos:
+        n = min(cfg.fidelity_videos, len(encoded))
+        prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
+        log(f"fidelity: {model_name}, {n} test clips ...")
+        fid = fidelity_rows(qa, encoded[:n], prompts, fid_cases, settings, cfg.seed, model_name, log=log)
+    return {"model": model_name, "path": model_path, "accuracy": acc, "by_type": by_type, "fidelity": fid,
+            "sweep": sweep, "chosen": chosen, "paired": paired, "paired_loglik": paired_loglik}
+
+
+def _with_model(rows: list[dict], model: str) -> list[dict]:
+    return [{"model": model, **r} for r in rows]
+
 
 def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
     import torch
@@ -767,52 +840,22 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     defaults = IWPSettings(seed=cfg.seed)
     base = replace(defaults, **{k: getattr(cfg, k) for k in ("lam", "temperature", "floor") if getattr(cfg, k) is not None})
-    sweep, chosen = [], {"lam": base.lam, "temperature": base.temperature, "floor": base.floor}
     cases = _cases(cfg.methods, cfg.retentions)
-    acc, by_type, fid, paired, paired_loglik = [], [], [], [], []
-    fid_cases = [(m, r) for m, r in cases if r < 1.0]
-    model_path, model_name = None, "random-7b-shape"
-    if cfg.videos:
-        model_path = cfg.model or default_model()
-        model_name = Path(model_path).name
-        qa = load_qa(model_path, cfg.threads)
-        if cfg.sweep_videos:
-            log(f"sweeping IWP settings on {cfg.sweep_videos} validation clips ...")
-            sweep, chosen = sweep_iwp(qa, cfg, base, log=log)
-            write_csv(out / "sweep.csv", sweep)
-            log(f"chosen IWP settings: {chosen} (defaults: lam={defaults.lam}, temperature={defaults.temperature}, "
-                f"floor={defaults.floor})")
-        settings = replace(base, **chosen)
-        log(f"accuracy: {cfg.videos} test clips, {len(cases)} method x retention cases ...")
-        encoded, items = encode_clips(qa, "test", cfg.videos, cfg.seed, cfg.per_clip, cfg.fmt,
-                                      count_every=cfg.count_every)
-        per_question: dict = {}
-        acc, by_type = accuracy_rows(qa, encoded, items, cases, settings, cfg.seed, log=log, per_question=per_question)
-        add_answer_changed(acc, per_question)
-        paired = paired_rows(per_question, items, cfg.bootstrap, cfg.seed)
-        paired_loglik = paired_rows(per_question, items, cfg.bootstrap, cfg.seed, key="loglik_correct")
-        for r in acc:
-            r.update(model=model_name, split="test", format=cfg.fmt, seed=cfg.seed, **chosen)
-        for r in by_type:
-            r["model"] = model_name
-        for r in paired + paired_loglik:
-            r["model"] = model_name
-        for r in paired:
-            r["score"] = "accuracy"
-        for r in paired_loglik:
-            r["score"] = "loglik_accuracy"
-        if cfg.fidelity_videos:
-            n = min(cfg.fidelity_videos, len(encoded))
-            prompts = [next(it.prompt for it in items if it.video == i) for i in range(n)]
-            log(f"fidelity: trained model, {n} test clips ...")
-            fid += fidelity_rows(qa, encoded[:n], prompts, fid_cases, settings, cfg.seed, model_name, log=log)
-        del qa, encoded
-    else:
-        settings = base
+    per_model = [model_quality(cfg, path, base, cases, log=log) for path in cfg.model_paths()] if cfg.videos else []
+    chosen = per_model[0]["chosen"] if per_model else {"lam": base.lam, "temperature": base.temperature,
+                                                       "floor": base.floor}
+    big_fid = []
     if cfg.big_videos:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        fid += big_model_fidelity(cfg, fid_cases, settings, log=log)
+        big_fid = big_model_fidelity(cfg, [(m, r) for m, r in cases if r < 1.0], replace(base, **chosen), log=log)
+
+    def joined(key: str) -> list[dict]:
+        return [r for m in per_model for r in m[key]]
+
+    acc, by_type, paired, paired_loglik = (joined(k) for k in ("accuracy", "by_type", "paired", "paired_loglik"))
+    sweep = [r for m in per_model for r in (_with_model(m["sweep"], m["model"]) if len(per_model) > 1 else m["sweep"])]
+    fid = joined("fidelity") + big_fid
     if acc:
         write_csv(out / "accuracy.csv", acc, ACCURACY_COLUMNS)
         write_csv(out / "accuracy_by_type.csv", by_type,
@@ -821,22 +864,39 @@ def run_quality(cfg: QualityConfig, log=print, command: str = "") -> dict:
             write_csv(out / "paired.csv", paired + paired_loglik,
                       ("model", "score", "retention", "subset", "method", "baseline", "iwp", "other", "diff", "ci_lo",
                        "ci_hi", "iwp_is"))
-            write_csv(out / "iwp_vs_best.csv", best_baseline_rows(paired))
-        answerable, _ = answerable_rows(by_type)
+            write_csv(out / "iwp_vs_best.csv",
+                      [r for m in per_model for r in _with_model(best_baseline_rows(m["paired"]), m["model"])])
+        answerable = [r for m in per_model for r in _with_model(answerable_rows(m["by_type"])[0], m["model"])]
         if answerable:
             write_csv(out / "accuracy_answerable.csv", answerable)
-        plot_accuracy(acc, out / "accuracy.png",
-                      f"{model_name}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, {cfg.fmt})")
+        for i, m in enumerate(per_model):  # the first model's plot keeps its name; further models' carry theirs
+            plot_accuracy(m["accuracy"], out / ("accuracy.png" if i == 0 else f"accuracy-{m['model']}.png"),
+                          f"{m['model']}: synthetic temporal video-QA test ({cfg.videos} clips x {cfg.per_clip} q, "
+                          f"{cfg.fmt})")
+    if sweep:
+        write_csv(out / "sweep.csv", sweep)
     if fid:
         write_csv(out / "fidelity.csv", fid, FIDELITY_COLUMNS)
         plot_fidelity(fid, out / "fidelity.png")
-    meta = {"model_name": model_name, "command": command or "framescribe bench quality"}
-    md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type, paired, paired_loglik)
+    command = command or "framescribe bench quality"
+    if len(per_model) <= 1:
+        m = per_model[0] if per_model else None
+        meta = {"model_name": m["model"] if m else "random-7b-shape", "command": command}
+        md = write_markdown(out / "quality.md", cfg, acc, fid, sweep, chosen, meta, by_type, paired, paired_loglik)
+    else:  # one report per model, the 7B-shaped fidelity once at the end
+        parts = [markdown_text(cfg, m["accuracy"], m["fidelity"] + (big_fid if i == len(per_model) - 1 else []),
+                               m["sweep"], m["chosen"], {"model_name": m["model"], "command": command}, m["by_type"],
+                               m["paired"], m["paired_loglik"]) for i, m in enumerate(per_model)]
+        md = out / "quality.md"
+        md.write_text("\n".join(parts))
+    paths = [m["path"] for m in per_model]
     (out / "config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in asdict(cfg).items()}, "model": repo_relative(model_path),
+                                                     for k, v in asdict(cfg).items()},
+                                                 "model": repo_relative(paths[0]) if paths else None,
+                                                 **({"models": [repo_relative(p) for p in paths]} if cfg.models else {}),
                                                  "iwp_settings": chosen, "torch": torch.__version__}, indent=2))
     return {"accuracy": acc, "by_type": by_type, "fidelity": fid, "sweep": sweep, "chosen": chosen, "markdown": md,
-            "paired": paired}
+            "paired": paired, "models": [m["model"] for m in per_model]}
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -849,6 +909,8 @@ def _names(s: str) -> tuple[str, ...]:
 
 def command(
     model: Optional[str] = typer.Option(None, help="trained model directory (default: the shipped synthetic-QA model)"),
+    models: str = typer.Option("", help="several models in one run, comma-separated: shipped (128 visual tokens "
+                                        "per clip), shipped-168 (288), or model directories; tables per model"),
     seed: int = typer.Option(0, help="seed of the test clips, the random pruner and the 7B-shaped model"),
     videos: int = typer.Option(200, help="test clips for accuracy (0: only the 7B-shaped fidelity)"),
     per_clip: int = typer.Option(3, help="questions per clip"),
@@ -876,23 +938,25 @@ def command(
 
     err = Console(stderr=True)
     try:
-        cfg = QualityConfig(model=model, seed=seed, videos=videos, per_clip=per_clip, fmt=fmt,
+        cfg = QualityConfig(model=model, models=_names(models), seed=seed, videos=videos, per_clip=per_clip, fmt=fmt,
                             retentions=_floats(retentions), methods=_names(methods), out=out,
                             fidelity_videos=fidelity_videos, big_videos=big_videos, big_layers=big_layers,
                             big_resolution=big_resolution, sweep_videos=sweep_videos, lam=lam,
                             temperature=temperature, floor=floor, threads=threads, count_every=count_every,
                             bootstrap=bootstrap)
-        if cfg.model is None and cfg.videos:
-            default_model()
+        if cfg.videos:
+            cfg.model_paths()
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     res = run_quality(cfg, log=lambda m: err.print(m), command="framescribe bench quality " + " ".join(sys.argv[3:]))
-    if res["accuracy"]:
-        print("Accuracy (greedy exact match, %)\n")
-        print(accuracy_table(res["accuracy"], "accuracy"))
-        print("\nAccuracy (option log-likelihood, %)\n")
-        print(accuracy_table(res["accuracy"], "loglik_accuracy"))
+    for name in res["models"]:
+        rows = [r for r in res["accuracy"] if r["model"] == name]
+        title = f" of {name}" if len(res["models"]) > 1 else ""
+        print(f"{'' if name == res['models'][0] else chr(10)}Accuracy{title} (greedy exact match, %)\n")
+        print(accuracy_table(rows, "accuracy"))
+        print(f"\nAccuracy{title} (option log-likelihood, %)\n")
+        print(accuracy_table(rows, "loglik_accuracy"))
     for model_name in dict.fromkeys(r["model"] for r in res["fidelity"]):
         print(f"\nFidelity ({model_name}): attention-output relative error, mean over layers\n")
         print(fidelity_table([r for r in res["fidelity"] if r["model"] == model_name], "attn_err_mean"))

@@ -285,12 +285,17 @@ def _render(rng: np.random.Generator, texture: str, pan: tuple[float, float], ob
     return frames
 
 
-def token_labels(clip: "SynthClip", cell: int = 28, min_cover: float = 24.0) -> np.ndarray:
-    """Per visual token (Qwen2.5-VL order: temporal group, row, column of 28x28-pixel cells) the object that
+def token_labels(clip: "SynthClip", cells: int = SIZE // 28, min_cover: float = 24.0) -> np.ndarray:
+    """Per visual token (Qwen2.5-VL order: temporal group, row, column of a `cells` x `cells` grid of square
+    cells; 4 = 28x28-pixel cells at 112 px, 6 when the model sees the clip upscaled to 168 px) the object that
     covers it most in the group's two frames: (N, 5) int64 of (colour id, shape id, size id, direction id, cut
     by the frame edge), 0 = no object (ids are 1 + the index in COLOURS / SHAPES / SIZES / DIRECTIONS; the last
-    column is 1 when that object is partly outside the frame in this group). For auxiliary training losses."""
-    g_n, c_n = FRAMES // GROUP, SIZE // cell
+    column is 1 when that object is partly outside the frame in this group). `min_cover` is in pixels of a
+    28x28 cell, scaled to the cell's area. For auxiliary training losses."""
+    g_n, c_n = FRAMES // GROUP, cells
+    up = c_n // math.gcd(SIZE, c_n)           # coverage on a grid `up` times finer, so cells are whole pixels
+    cell = SIZE * up // c_n
+    min_cover = min_cover * (SIZE / c_n / 28) ** 2 * up * up
     cover = np.zeros((g_n, c_n, c_n, len(clip.objects)), np.float32)
     cut = np.zeros((g_n, len(clip.objects)), bool)
     for k, o in enumerate(clip.objects):
@@ -305,6 +310,8 @@ def token_labels(clip: "SynthClip", cell: int = 28, min_cover: float = 24.0) -> 
             cut[t // GROUP, k] |= (x1 - x0) < side or (y1 - y0) < side
             full = np.zeros((SIZE, SIZE), np.float32)
             full[y0:y1, x0:x1] = m[y0 - yi:y1 - yi, x0 - xi:x1 - xi]
+            if up > 1:
+                full = full.repeat(up, axis=0).repeat(up, axis=1)
             cover[t // GROUP, :, :, k] += full.reshape(c_n, cell, c_n, cell).sum(axis=(1, 3))
     out = np.zeros((g_n * c_n * c_n, 5), np.int64)
     if clip.objects:

@@ -10,6 +10,11 @@ visual tokens from `get_video_features`, the prompt's full-sequence M-RoPE posit
 with the video processor's own patch layout (checked against the processor at start-up), so no
 processor call sits in the loop.
 
+`--frame-side 168` trains a model that sees the 112 px clips upscaled to 168x168 (288 visual tokens per clip
+instead of 128): its saved processor has min_pixels 168², so the pipeline and `bench quality` resize exactly
+as the training did (`resize_frames`, checked against the processor too). `--init DIR` starts from a trained
+model of the same sizes instead of random weights (the second shipped model is the first fine-tuned at 168 px).
+
 Reproducible: the model init, the clip set, the question sampling and the batch order all derive from
 `--seed`; with the same torch build and thread count the run is bit-for-bit repeatable.
 
@@ -54,10 +59,35 @@ def sizes_of(shape: ModelShape) -> dict:
             "vision_heads": v.heads, "vision_intermediate": v.intermediate, "tokens_per_second": v.tokens_per_second}
 
 
-def build_model(seed: int, shape: ModelShape = TRAINED):
-    """(model, processor): Qwen2_5_VLForConditionalGeneration from config, offline tokenizer/processor."""
+def build_model(seed: int, shape: ModelShape = TRAINED, frame_side: int = sq.SIZE):
+    """(model, processor): Qwen2_5_VLForConditionalGeneration from config, offline tokenizer/processor. With
+    `frame_side` above the clips' 112 px the processor's minimum pixel budget is frame_side², so the saved
+    processor (hence the pipeline and `bench quality`) upscales the clips to that side: more visual tokens."""
     built = build_shape("qwen2_5_vl", shape, seed=seed)
-    return built.model.train(), built.processor
+    processor = built.processor
+    if frame_side != sq.SIZE:
+        processor = upscaling_processor(processor, frame_side)
+    return built.model.train(), processor
+
+
+def check_frame_side(side: int) -> int:
+    if side < sq.SIZE or side % 28:
+        raise ValueError(f"frame_side: must be a multiple of 28 and >= {sq.SIZE} (the clips' side), got {side}")
+    return side
+
+
+def upscaling_processor(processor, side: int):
+    """The same Qwen2.5-VL processor with min_pixels = side²: a 112 px clip is resized (bicubic) to side x side."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pix = dict(min_pixels=side * side, max_pixels=max(224 * 224, side * side))
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=processor.tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(**pix), chat_template=processor.chat_template)
+
+
+def cells_per_side(frame_side: int) -> int:
+    """Merged visual tokens per row (and column) of one temporal group: 28 px = patch 14 x spatial merge 2."""
+    return frame_side // 28
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -66,11 +96,29 @@ _MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 1, 3, 1, 1)
 _STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 1, 3, 1, 1)
 
 
-def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, tp: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_frames(frames: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) → uint8 (B, T, side, side, 3), resized as the video processor resizes (torchvision,
+    bicubic, antialias, on the uint8 frames)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    b, t, h, w, c = frames.shape
+    if (h, w) == (side, side):
+        return frames
+    x = frames.permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w)
+    x = tvF.resize(x, [side, side], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return x.reshape(b, t, c, side, side).permute(0, 1, 3, 4, 2)
+
+
+def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, tp: int = 2,
+             side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, T, H, W, 3) → (pixel_values_videos (B·T/tp·H/p·W/p, 3·tp·p·p), video_grid_thw (B, 3)).
 
     The Qwen2-VL video processor's rescale + normalise + patch layout, for frames already at a size that is
-    a multiple of 28 within the pixel budget (no resize needed)."""
+    a multiple of 28 within the pixel budget, or resized to `side` x `side` first (what the processor does to
+    a clip smaller than its min_pixels)."""
+    if side is not None:
+        frames = resize_frames(frames, side)
     b, t, h, w, c = frames.shape
     x = frames.permute(0, 1, 4, 2, 3).float() / 255.0
     x = (x - _MEAN) / _STD
@@ -81,11 +129,11 @@ def patchify(frames: torch.Tensor, patch: int = 14, merge: int = 2, tp: int = 2)
     return x, grid
 
 
-def check_patchify(processor) -> float:
+def check_patchify(processor, frame_side: int = sq.SIZE) -> float:
     """Max abs difference between `patchify` and the processor on one clip (must be ~0)."""
     clip = sq.make_clip("val", 0)
     ref = processor.video_processor(videos=[clip.frames], return_tensors="pt", do_sample_frames=False)
-    ours, grid = patchify(torch.from_numpy(clip.frames[None]))
+    ours, grid = patchify(torch.from_numpy(clip.frames[None]), side=frame_side)
     if ref["pixel_values_videos"].shape != ours.shape or grid.tolist() != ref["video_grid_thw"].tolist():
         raise AssertionError(f"patchify shape {tuple(ours.shape)} {grid.tolist()} != processor "
                              f"{tuple(ref['pixel_values_videos'].shape)} {ref['video_grid_thw'].tolist()}")
@@ -291,24 +339,26 @@ def temporal_labels(clip: sq.SynthClip, tokens: np.ndarray) -> np.ndarray:
     return out
 
 
-def _make_clip(args: tuple[str, int, int]) -> tuple[sq.SynthClip, np.ndarray]:
-    clip = sq.make_clip(*args)
-    tokens = sq.token_labels(clip)
+def _make_clip(args: tuple[str, int, int, int]) -> tuple[sq.SynthClip, np.ndarray]:
+    split, index, seed, cells = args
+    clip = sq.make_clip(split, index, seed)
+    tokens = sq.token_labels(clip, cells)
     labels = np.concatenate([tokens, np.full((len(tokens), 1), int(clip.panning), np.int64),
                              temporal_labels(clip, tokens)], axis=1)
     return clip, labels
 
 
-def generate_clips(split: str, n: int, seed: int, workers: int = 2):
+def generate_clips(split: str, n: int, seed: int, workers: int = 2, cells: int = sq.SIZE // 28):
     """(frames (n, T, H, W, 3) uint8, clips without their frames, per-token labels (n, N, LABEL_COLUMNS) int64).
 
     Labels per visual token: colour, shape, size, direction of the object covering it (0 = none) and whether
     it is cut by the frame edge (`synthetic_qa.token_labels`), whether the camera pans, then the causal
-    temporal facts of `temporal_labels`; they feed the training-only probes only."""
+    temporal facts of `temporal_labels`; they feed the training-only probes only. `cells`: visual tokens per
+    row of a temporal group (4 at 112 px, 6 when the model sees the clips at 168 px)."""
     frames = np.empty((n, sq.FRAMES, sq.SIZE, sq.SIZE, 3), dtype=np.uint8)
-    n_tok = sq.FRAMES // 2 * (sq.SIZE // 28) ** 2
+    n_tok = sq.FRAMES // 2 * cells ** 2
     labels = np.zeros((n, n_tok, LABEL_COLUMNS), dtype=np.int64)
-    jobs = [(split, i, seed) for i in range(n)]
+    jobs = [(split, i, seed, cells) for i in range(n)]
     clips = []
     if workers > 1:
         import multiprocessing as mp
@@ -389,7 +439,7 @@ class AuxHead(torch.nn.Module):
 
 def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray, *, steps: int, batch: int, lr: float,
                     rng: random.Random, log, val: tuple[np.ndarray, np.ndarray] | None = None,
-                    log_every: int = 200) -> None:
+                    log_every: int = 200, frame_side: int = sq.SIZE) -> None:
     """Stage 1: the vision tower (+ merger) and the auxiliary probes only, on the per-token labels. About 4x
     cheaper per clip than a full step (no LLM), and it is where shape, size and motion get learned; the LLM
     then starts from visual tokens that already say what is where."""
@@ -398,7 +448,7 @@ def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray,
     n = len(frames)
     for step in range(steps):
         idx = rng.sample(range(n), batch)
-        pixels, vgrid = patchify(torch.from_numpy(frames[idx]))
+        pixels, vgrid = patchify(torch.from_numpy(frames[idx]), side=frame_side)
         for g in opt.param_groups:  # warm-up then constant: a decayed rate left shape ~15 points behind
             g["lr"] = lr * min(1.0, (step + 1) / 100)
         with fast_vision_attention(model):
@@ -413,7 +463,7 @@ def pretrain_vision(model, aux: AuxHead, frames: np.ndarray, labels: np.ndarray,
             if val is not None:
                 model.eval()
                 with torch.no_grad(), fast_vision_attention(model):
-                    px, vg = patchify(torch.from_numpy(val[0]))
+                    px, vg = patchify(torch.from_numpy(val[0]), side=frame_side)
                     v = torch.cat(list(model.model.get_video_features(px, vg).pooler_output))
                 extra = aux.accuracy(v, torch.from_numpy(val[1].reshape(-1, LABEL_COLUMNS)))
                 model.train()
@@ -455,9 +505,9 @@ def evaluate(model, processor, split: str, n: int, seed: int = 0, per_clip: int 
 # ------------------------------------------------------------------------------------------------ training
 
 def batch_loss(model, builder, aux, temporal, frames: np.ndarray, token_labels: np.ndarray, samples, *, bf16: bool,
-               aux_weight: float, temporal_weight: float):
+               aux_weight: float, temporal_weight: float, frame_side: int = sq.SIZE):
     """(loss, QA loss, auxiliary loss) of one batch: clips (uint8 frames), their per-token labels and samples."""
-    pixels, vgrid = patchify(torch.from_numpy(frames))
+    pixels, vgrid = patchify(torch.from_numpy(frames), side=frame_side)
     with fast_vision_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         visual = model.model.get_video_features(pixels, vgrid).pooler_output
         prefix, suffix = builder.shared_batch(list(visual), samples)
@@ -496,7 +546,10 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
           warmup: int = 100, bf16: bool = False, aux_weight: float = 1.0, aux_steps: int = 0,
           train_clips: int = 6000, caption_prob: float = 0.0, eval_clips: int = 100, eval_every: int = 500,
           shape: ModelShape = TRAINED, threads: int = 2, log_path: Path | None = None, max_minutes: float | None = None,
-          vision_steps: int = 2000, vision_lr: float = 3e-3, captions: int = 1, temporal_weight: float = 1.0) -> dict:
+          vision_steps: int = 2000, vision_lr: float = 3e-3, captions: int = 1, temporal_weight: float = 1.0,
+          frame_side: int = sq.SIZE, init: Path | None = None) -> dict:
+    check_frame_side(frame_side)
+    cells = cells_per_side(frame_side)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
@@ -512,28 +565,32 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
             print(line, flush=True)
 
         t0, c0 = time.perf_counter(), time.process_time()
-        model, processor = build_model(seed, shape)
-        diff = check_patchify(processor)
+        model, processor = build_model(seed, shape, frame_side)
+        if init is not None:
+            load_weights(model, init)
+        diff = check_patchify(processor, frame_side)
         if diff > 1e-4:
             raise AssertionError(f"patchify differs from the processor by {diff}")
         settings = dict(seed=seed, steps=steps, batch=batch, questions=questions, lr=lr, bf16=bf16,
                         eval_clips=eval_clips, aux_weight=aux_weight, aux_steps=aux_steps, vision_steps=vision_steps,
                         vision_lr=vision_lr, captions=captions, temporal_weight=temporal_weight,
-                        train_clips=train_clips, caption_prob=caption_prob, sizes=sizes_of(shape), threads=threads)
+                        train_clips=train_clips, caption_prob=caption_prob, sizes=sizes_of(shape), threads=threads,
+                        frame_side=frame_side, visual_tokens=sq.FRAMES // sq.GROUP * cells * cells,
+                        init=None if init is None else Path(init).name)
         log(event="start", **settings, params=sum(p.numel() for p in model.parameters()), patchify_max_diff=diff,
             torch=torch.__version__, threads_used=torch.get_num_threads())
-        frames, clips, token_labels = generate_clips("train", train_clips, seed)
+        frames, clips, token_labels = generate_clips("train", train_clips, seed, cells=cells)
         log(event="data", clips=len(clips))
         aux = AuxHead(shape.text.hidden)
         temporal = TemporalHead(shape.text.hidden)
         if vision_steps:
-            vframes, _, vlabels = generate_clips("val", 48, 0, workers=1)
+            vframes, _, vlabels = generate_clips("val", 48, 0, workers=1, cells=cells)
             pretrain_vision(model, aux, frames, token_labels, steps=vision_steps, batch=batch, lr=vision_lr,
-                            rng=random.Random(seed + 1), log=log, val=(vframes, vlabels))
+                            rng=random.Random(seed + 1), log=log, val=(vframes, vlabels), frame_side=frame_side)
             del vframes
             log(event="vision_done", step=vision_steps)
 
-        grid = (sq.FRAMES // 2, sq.SIZE // 14, sq.SIZE // 14)
+        grid = (sq.FRAMES // 2, frame_side // 14, frame_side // 14)
         builder = SequenceBuilder(model, processor, grid, second_per_grid=2.0 / sq.FPS)
         opt = make_optimizer([("", model), ("aux", aux), ("temporal", temporal)], lr)
         rng = random.Random(seed)
@@ -551,7 +608,8 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
                        + [(sq.CAPTION_PROMPT, clips[k].caption)] * captions for k in idx]
             w = aux_weight * max(0.0, 1.0 - step / max(1, aux_steps)) if aux_steps else aux_weight
             loss, qa_loss, aux_loss = batch_loss(model, builder, aux, temporal, frames[idx], token_labels[idx], samples,
-                                                 bf16=bf16, aux_weight=w, temporal_weight=temporal_weight)
+                                                 bf16=bf16, aux_weight=w, temporal_weight=temporal_weight,
+                                                 frame_side=frame_side)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, warmup)
             opt.zero_grad(set_to_none=True)
@@ -579,6 +637,15 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
                    "train_cpu_seconds": round(time.process_time() - c0, 1), "torch": torch.__version__,
                    "history": history, "command": "python -m bench.train_tiny " + " ".join(sys.argv[1:])}
         return finish_training(model, processor, out, eval_clips=eval_clips, log=log, summary=summary)
+
+
+def load_weights(model, src: Path) -> None:
+    """Start from a trained model directory of the same sizes (e.g. the shipped model, fine-tuned at a larger
+    frame side): every weight must match by name and shape."""
+    from transformers import AutoModelForImageTextToText
+
+    trained = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    model.load_state_dict(trained.state_dict(), strict=True)
 
 
 def finish_training(model, processor, out: Path, *, eval_clips: int, log, summary: dict) -> dict:
@@ -640,21 +707,28 @@ def write_readme(dst: Path, summary: dict) -> Path:
     sizes = s["sizes"]
     test, val = s["test"], s["val"]
     by_type = test.get("mc_by_type", {})
-    groups, side = sq.FRAMES // sq.GROUP, sq.SIZE // 28  # 28 px = patch 14 x spatial merge 2
+    frame_side = s.get("frame_side", sq.SIZE)
+    groups, side = sq.FRAMES // sq.GROUP, cells_per_side(frame_side)
+    role = ("It is the default model of `framescribe demo` and of `framescribe bench quality`." if frame_side == sq.SIZE
+            else f"It is the second model of `framescribe bench quality` (`--models shipped,shipped-{frame_side}`): "
+                 f"its processor upscales the 112 px clips to {frame_side}x{frame_side} (min_pixels "
+                 f"{frame_side}²), so it sees {side * side / (sq.SIZE // 28) ** 2:g}x the visual tokens of the first.")
+    origin = ("from random initialisation" if not s.get("init") else
+              f"starting from the weights of `{s['init']}` (fine-tuned: its weights are not independent of that model's)")
     lines = [
-        "# tiny-qwen2_5_vl-synthqa",
+        f"# {Path(dst).name}",
         "",
         "A tiny Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, the real architecture at small sizes) trained "
-        "from random initialisation on the synthetic temporal video-QA set of `bench/synthetic_qa.py`. It is "
-        "the default model of `framescribe demo` and of `framescribe bench quality`. It knows only the "
-        "synthetic world (moving coloured shapes over textured, static or panning backgrounds; 16 frames of "
-        "112x112 at 8 fps) and the word-level tokenizer of `actors/tiny_model.py`.",
+        f"{origin} on the synthetic temporal video-QA set of `bench/synthetic_qa.py`. {role} "
+        "It knows only the synthetic world (moving coloured shapes over textured, static or panning backgrounds; "
+        "16 frames of 112x112 at 8 fps) and the word-level tokenizer of `actors/tiny_model.py`.",
         "",
         f"* LLM: hidden {sizes['hidden']}, {sizes['layers']} layers, {sizes['heads']} heads / {sizes['kv_heads']} KV "
         f"heads, MLP {sizes['intermediate']}, M-RoPE sections {sizes['mrope_section']}, rope θ {sizes['rope_theta']}; "
         f"vision tower: hidden {sizes['vision_hidden']}, {sizes['vision_depth']} blocks, patch 14, merge 2, "
         f"temporal patch 2, tokens_per_second {sizes['tokens_per_second']}. Weights stored as float16.",
-        f"* Visual tokens per clip: {groups * side * side} ({groups} temporal groups x {side} x {side}).",
+        f"* Visual tokens per clip: {groups * side * side} ({groups} temporal groups x {side} x {side}; frames fed "
+        f"at {frame_side}x{frame_side}).",
         "",
         "## How it was made",
         "",
@@ -738,7 +812,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (breaks reproducibility of length)")
     ap.add_argument("--export-fp16", type=Path, default=None, help="also write a float16 copy here")
     ap.add_argument("--ship", action="store_true",
-                    help="write the float16 copy + README into actors/assets/tiny-qwen2_5_vl-synthqa")
+                    help="write the float16 copy + README into actors/assets/tiny-qwen2_5_vl-synthqa (or --ship-dir)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this trained model directory (same sizes) instead of random weights")
+    ap.add_argument("--ship-dir", type=Path, default=None, help="with --ship: write the shipped copy here instead")
+    ap.add_argument("--frame-side", type=int, default=sq.SIZE,
+                    help="side the model sees the 112 px clips at (a multiple of 28; 168: 288 visual tokens per clip "
+                         "instead of 128): the saved processor upscales to it")
     a = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary = train(a.out, seed=a.seed, steps=a.steps, batch=a.batch, questions=a.questions, lr=a.lr,
@@ -746,11 +826,12 @@ def main(argv: list[str] | None = None) -> None:
                     train_clips=a.train_clips, caption_prob=a.caption_prob, eval_clips=a.eval_clips,
                     eval_every=a.eval_every, threads=a.threads, max_minutes=a.max_minutes,
                     vision_steps=a.vision_steps, vision_lr=a.vision_lr, captions=a.captions,
-                    temporal_weight=a.temporal_weight)
+                    temporal_weight=a.temporal_weight, frame_side=check_frame_side(a.frame_side),
+                    init=a.init)
     if a.export_fp16:
         export_fp16(a.out, a.export_fp16)
     if a.ship:
-        print(f"shipped to {ship(a.out, summary)}")
+        print(f"shipped to {ship(a.out, summary, a.ship_dir)}")
     print(json.dumps({k: summary[k] for k in ("train_seconds", "val", "test")}, indent=2))
 
 

@@ -166,6 +166,43 @@ def test_bench_quality_smoke(tmp_path, qa_model_dir):
     assert "| random |" in res.output
 
 
+@pytest.mark.skipif(not all((SHIPPED.with_name(n) / "config.json").is_file()
+                            for n in ("tiny-qwen2_5_vl-synthqa", "tiny-qwen2_5_vl-synthqa-168")),
+                    reason="the two shipped trained models are not both installed")
+def test_bench_quality_runs_both_shipped_models(tmp_path):
+    """`--models shipped,shipped-168`: one run, every case on each model (128 and 288 visual tokens per clip),
+    rows named by model, one report section and one plot per model; --model with --models is a config error."""
+    import typer
+    from typer.testing import CliRunner
+
+    from bench.quality import command
+
+    app = typer.Typer()
+    app.command()(command)
+    out = tmp_path / "q2"
+    res = CliRunner().invoke(app, ["--models", "shipped,shipped-168", "--videos", "1", "--per-clip", "1",
+                                   "--methods", "none,iwp,random", "--retentions", "1,0.25", "--fidelity-videos", "0",
+                                   "--big-videos", "0", "--bootstrap", "10", "--out", str(out), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "accuracy.csv")))
+    names = ["tiny-qwen2_5_vl-synthqa", "tiny-qwen2_5_vl-synthqa-168"]
+    assert [(r["model"], r["method"], float(r["retention"])) for r in rows] == [
+        (m, meth, ret) for m in names for meth, ret in (("none", 1.0), ("iwp", 0.25), ("random", 0.25))]
+    full = {r["model"]: int(r["full_tokens"]) for r in rows}
+    assert full == {names[0]: 128, names[1]: 288}  # 16 frames → 8 groups of 4x4, and of 6x6 at 168 px
+    kept = {r["model"]: float(r["kept_tokens"]) for r in rows if r["method"] == "iwp"}
+    assert kept == {names[0]: 32, names[1]: 72}
+    assert [r["model"] for r in csv.DictReader(open(out / "iwp_vs_best.csv"))] == names
+    md = (out / "quality.md").read_text()
+    assert all(f"# Quality benchmark ({n})" in md for n in names)
+    assert (out / "accuracy.png").is_file() and (out / f"accuracy-{names[1]}.png").is_file()
+    assert json.loads((out / "config.json").read_text())["models"] == [
+        f"actors/assets/{n}" for n in names]
+    assert f"Accuracy of {names[1]}" in res.output
+    bad = CliRunner().invoke(app, ["--models", "shipped", "--model", str(SHIPPED), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "models" in bad.output
+
+
 def test_fidelity_is_zero_when_nothing_is_pruned(qa_model_dir):
     from bench.quality import fidelity_rows, load_qa
     from iwp import IWPSettings

@@ -55,7 +55,24 @@ def test_temporal_labels_look_back_in_time():
     assert (np.diff(gone) >= 0).all() and gone[-1] == sum(o.disappear < sq.FRAMES for o in clip.objects)
 
 
-def test_patchify_matches_the_processor():
+def test_token_labels_on_a_finer_grid_agree_with_the_scene():
+    """At 168 px (6x6 tokens per group) every object still labels tokens of its own groups only, with its own
+    attributes, and covers about the same share of the frame as on the 4x4 grid."""
+    clip = _clip_with(lambda c: len(c.objects) >= 2 and any(o.appear > 0 for o in c.objects))
+    coarse, fine = sq.token_labels(clip), sq.token_labels(clip, 6)
+    assert fine.shape == (sq.FRAMES // sq.GROUP * 36, 5)
+    colours = list(sq.COLOURS)
+    for o in clip.objects:
+        mine = np.nonzero(fine[:, 0] == 1 + colours.index(o.colour))[0]
+        assert len(mine), o
+        assert (mine // 36).min() >= o.appear // sq.GROUP and (mine // 36).max() < -(-o.disappear // sq.GROUP)
+        assert set(fine[mine, 1]) == {1 + sq.SHAPES.index(o.shape)}
+        share = [(lab[:, 0] == 1 + colours.index(o.colour)).mean() for lab in (coarse, fine)]
+        assert share[1] == pytest.approx(share[0], abs=0.08)
+
+
+@pytest.mark.parametrize("side", [112, 168])
+def test_patchify_matches_the_processor(side):
     from dataclasses import replace
 
     from actors.model_shapes import TextShape, VisionShape
@@ -63,8 +80,13 @@ def test_patchify_matches_the_processor():
     small = replace(tt.TRAINED, text=TextShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=None,
                                                tied=True, rope_theta=10000.0),
                     vision=VisionShape(depth=1, hidden=32, intermediate=64, heads=2, fullatt=(0,), tokens_per_second=4))
-    _, processor = tt.build_model(0, small)
-    assert tt.check_patchify(processor) < 1e-4
+    _, processor = tt.build_model(0, small, frame_side=side)
+    assert tt.check_patchify(processor, side) < 1e-4  # resize (168: bicubic upscale) + normalise + patch layout
+    clip = sq.make_clip("val", 0)
+    grid = processor.video_processor(videos=[clip.frames], return_tensors="pt")["video_grid_thw"].tolist()
+    assert grid == [[sq.FRAMES // 2, side // 14, side // 14]]
+    with pytest.raises(ValueError, match="frame_side"):
+        tt.check_frame_side(150)
 
 
 def _short_run(out, seed: int = 0) -> dict:
