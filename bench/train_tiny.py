@@ -633,7 +633,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 2000, batch: int = 16, quest
                 log(event="stop", reason="max_minutes", step=step)
                 break
         del frames
-        summary = {**settings, "train_seconds": round(time.perf_counter() - t0, 1),
+        summary = {**settings, "steps_done": step + 1 if steps else 0, "train_seconds": round(time.perf_counter() - t0, 1),
                    "train_cpu_seconds": round(time.process_time() - c0, 1), "torch": torch.__version__,
                    "history": history, "command": "python -m bench.train_tiny " + " ".join(sys.argv[1:])}
         return finish_training(model, processor, out, eval_clips=eval_clips, log=log, summary=summary)
@@ -713,6 +713,8 @@ def write_readme(dst: Path, summary: dict) -> Path:
             else f"It is the second model of `framescribe bench quality` (`--models shipped,shipped-{frame_side}`): "
                  f"its processor upscales the 112 px clips to {frame_side}x{frame_side} (min_pixels "
                  f"{frame_side}²), so it sees {side * side / (sq.SIZE // 28) ** 2:g}x the visual tokens of the first.")
+    done = s.get("steps_done", s["steps"])
+    stopped = f" ({done} done: --max-minutes stopped the run)" if done < s["steps"] else ""
     origin = ("from random initialisation" if not s.get("init") else
               f"starting from the weights of `{s['init']}` (fine-tuned: its weights are not independent of that model's)")
     lines = [
@@ -736,7 +738,7 @@ def write_readme(dst: Path, summary: dict) -> Path:
         re.sub(r"--out \S+", "--out DIR", s["command"]),
         "```",
         "",
-        f"* seed {s['seed']}; {s['steps']} steps of {s['batch']} clips x {s['questions']} questions (the video "
+        f"* seed {s['seed']}; {s['steps']} steps{stopped} of {s['batch']} clips x {s['questions']} questions (the video "
         f"prefix computed once per clip), AdamW lr {s['lr']} (warm-up, cosine), {s['train_clips']} training clips, "
         f"{s.get('captions', 0)} caption target(s) per clip per step; loss on the answer tokens (+ end of turn) "
         f"only, plus auxiliary losses from training-only linear probes that are not saved: on the visual tokens "
@@ -750,7 +752,8 @@ def write_readme(dst: Path, summary: dict) -> Path:
         f"({s.get('train_cpu_seconds', 0) / 60:.1f} CPU-minutes) on a shared 2-core machine, evaluations "
         f"included{'' if s['train_seconds'] <= 25 * 60 else ': more than the ~20 minutes the quality issue asked for'}.",
         "* Reproducible: model init, clips, question sampling and batch order all follow from the seed; the same "
-        "command with the same torch build and thread count repeats the run (float32, no nondeterministic ops).",
+        "command with the same torch build and thread count repeats the run (float32, no nondeterministic ops)"
+        + (f", except its length: --max-minutes stopped it after {s['steps_done']} steps." if stopped else "."),
         "",
         "## Accuracy (unpruned, through the pipeline's encode → splice → prefill/decode path)",
         "",
