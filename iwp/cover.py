@@ -25,6 +25,7 @@ from .metric import DenseDuplication, TokenFeatures, duplication_matrix, token_f
 from .select import DUP_FORMS, chunk_floor, mmr_score, normalized_magnitude, split_proportional
 from .settings import IWPSettings
 
+_ZERO_GAIN = 1e-9  # a coverage gain below this is 0: float64 running sums leave ~1e-13 where the exact gain is 0
 _FULL_MATRIX_ELEMENTS = 1 << 26  # up to 8192 tokens the (N, N) matrix (256 MB) is built once, symmetric
 
 
@@ -146,9 +147,10 @@ def cover_selection(
     for start, end, k in groups:
         if k == 0:
             continue
-        dup = kernel.block(slice(None), slice(start, end)).clamp_min(0.0)  # (N, chunk): token x candidate
+        dup_t = kernel.block(slice(start, end), slice(None)).clamp_min(0.0)  # (chunk, N): candidate x token
+        dup = dup_t.T  # dup is symmetric
         if settings.selection == "cover":
-            cover = _greedy_cover(dup, cover, taken[start:end], k)
+            cover = _greedy_cover(dup, dup_t, cover, taken[start:end], k)
         else:
             for _ in range(k):
                 score = mmr_score(mhat[start:end], cover[start:end], settings)  # penalty: own max dup with kept
@@ -168,29 +170,27 @@ class _Sliced:
         return self.full[rows][:, cols]
 
 
-def _greedy_cover(dup: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
-    """k greedy facility-location picks among the columns of dup (N, C), marked in `taken` (C,) in place;
-    returns the new cover.
+def _greedy_cover(dup: torch.Tensor, dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int
+                  ) -> torch.Tensor:
+    """k greedy facility-location picks among the columns of dup (N, C) (dup_t: its (C, N) transpose,
+    contiguous), marked in `taken` (C,) in place; returns the new cover.
 
     A candidate's gain Σ_n max(dup[n, j] − cover[n], 0) is kept up to date instead of recomputed: a pick
     raises the cover only of the rows it covers better, from old to new, and each such row's term drops by
-    clamp(dup, old, new) − old (float64: the running sums do not drift). A candidate with no row left to gain
-    from scores exactly 0, as a recomputed sum would, so all-covered ties still go to the first index.
+    clamp(dup, old, new) − old. Sums are float64 and start from exact float32 differences, so the gain of a
+    candidate with nothing left to cover telescopes to 0 up to ~1e-13; gains under `_ZERO_GAIN` count as 0,
+    as a recomputed sum would give exactly, so all-covered ties still go to the first index.
     """
     cover = cover.clone()
-    gain = (dup.double() - cover.double()[:, None]).clamp_min(0.0).sum(0)
-    gaining_rows = (dup > cover[:, None]).sum(0)  # per candidate: rows it would still cover better (exact)
+    gain = (dup_t.double() - cover.double()).clamp_min_(0.0).sum(1)
     gain[taken] = float("-inf")
-    gaining_rows[taken] = dup.shape[0] + 1  # never reaches 0, so a taken candidate keeps −inf
     for _ in range(k):
-        j = int(torch.where(gaining_rows > 0, gain, 0.0).argmax())  # first index on ties: the earlier token
-        taken[j] = True
+        j = int(torch.where(gain.abs() < _ZERO_GAIN, 0.0, gain).argmax())  # first index on ties: the earlier token
         gain[j] = float("-inf")
-        gaining_rows[j] = dup.shape[0] + 1
-        column = dup[:, j]
+        column = dup_t[j]
         rows = torch.nonzero(column > cover).flatten()
-        block, old, new = dup[rows], cover[rows, None], column[rows, None]
-        gain -= torch.clamp(block, min=old, max=new).sum(0, dtype=torch.float64) - old.sum(dtype=torch.float64)
-        gaining_rows -= ((block > old) & (block <= new)).sum(0)
-        cover[rows] = column[rows]
+        block, old = dup[rows], cover[rows, None]
+        gain -= torch.clamp(block, min=old, max=column[rows, None]).sum(0, dtype=torch.float64) - old.sum(dtype=torch.float64)
+        torch.maximum(cover, column, out=cover)
+    taken |= gain == float("-inf")
     return cover
