@@ -25,7 +25,8 @@ from .metric import DenseDuplication, TokenFeatures, duplication_matrix, token_f
 from .select import DUP_FORMS, chunk_floor, mmr_score, normalized_magnitude, split_proportional
 from .settings import IWPSettings
 
-_ZERO_GAIN = 1e-9  # a coverage gain below this is 0: float64 running sums leave ~1e-13 where the exact gain is 0
+_FIXED_POINT = float(1 << 40)
+_TAKEN = -(1 << 62)  # the gain of a taken candidate
 _FULL_MATRIX_ELEMENTS = 1 << 26  # up to 8192 tokens the (N, N) matrix (256 MB) is built once, symmetric
 
 
@@ -142,16 +143,17 @@ def cover_selection(
             groups.append((0, n, budget - sum(per_chunk)))
     device = feats.keys.device
     cover = torch.zeros(n, device=device)  # max duplication of each token with the kept set (0: nothing kept)
+    cover_q = torch.zeros(n, dtype=torch.long, device=device)  # the same in fixed point (selection="cover")
     mhat = normalized_magnitude(feats.log_magnitude, settings)
     taken = torch.zeros(n, dtype=torch.bool, device=device)
     for start, end, k in groups:
         if k == 0:
             continue
         dup_t = kernel.block(slice(start, end), slice(None)).clamp_min(0.0)  # (chunk, N): candidate x token
-        dup = dup_t.T  # dup is symmetric
         if settings.selection == "cover":
-            cover = _greedy_cover(dup, dup_t, cover, taken[start:end], k)
+            cover_q = _greedy_cover(fixed_point(dup_t), cover_q, taken[start:end], k)
         else:
+            dup = dup_t.T  # dup is symmetric
             for _ in range(k):
                 score = mmr_score(mhat[start:end], cover[start:end], settings)  # penalty: own max dup with kept
                 j = int(score.masked_fill(taken[start:end], float("-inf")).argmax())
@@ -170,27 +172,31 @@ class _Sliced:
         return self.full[rows][:, cols]
 
 
-def _greedy_cover(dup: torch.Tensor, dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int
-                  ) -> torch.Tensor:
-    """k greedy facility-location picks among the columns of dup (N, C) (dup_t: its (C, N) transpose,
-    contiguous), marked in `taken` (C,) in place; returns the new cover.
+def _greedy_cover(dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
+    """k greedy facility-location picks among the rows of dup_t (C candidates, N tokens; fixed point), marked in
+    `taken` (C,) in place; returns the new cover (N,).
 
-    A candidate's gain Σ_n max(dup[n, j] − cover[n], 0) is kept up to date instead of recomputed: a pick
-    raises the cover only of the rows it covers better, from old to new, and each such row's term drops by
-    clamp(dup, old, new) − old. Sums are float64 and start from exact float32 differences, so the gain of a
-    candidate with nothing left to cover telescopes to 0 up to ~1e-13; gains under `_ZERO_GAIN` count as 0,
-    as a recomputed sum would give exactly, so all-covered ties still go to the first index.
+    A candidate's gain Σ_n max(dup[j, n] − cover[n], 0) is kept up to date instead of recomputed: a pick
+    raises the cover only of the tokens it covers better, from old to new, and each such token's term drops by
+    clamp(dup, old, new) − old. In fixed point every sum is exact: a candidate with nothing left to cover has
+    gain exactly 0, as a recomputed sum would, and ties (exact copies, all-covered candidates) go to the first index.
     """
     cover = cover.clone()
-    gain = (dup_t.double() - cover.double()).clamp_min_(0.0).sum(1)
-    gain[taken] = float("-inf")
+    gain = (dup_t - cover).clamp_min_(0).sum(1)
+    gain[taken] = _TAKEN  # far below any gain, and stays so whatever is subtracted later
+    dup = dup_t.T
     for _ in range(k):
-        j = int(torch.where(gain.abs() < _ZERO_GAIN, 0.0, gain).argmax())  # first index on ties: the earlier token
-        gain[j] = float("-inf")
+        j = int(gain.argmax())  # first index on ties: the earlier token
+        gain[j] = _TAKEN
         column = dup_t[j]
         rows = torch.nonzero(column > cover).flatten()
-        block, old = dup[rows], cover[rows, None]
-        gain -= torch.clamp(block, min=old, max=column[rows, None]).sum(0, dtype=torch.float64) - old.sum(dtype=torch.float64)
+        old = cover[rows, None]
+        gain -= (torch.clamp(dup[rows], min=old, max=column[rows, None]) - old).sum(0)
         torch.maximum(cover, column, out=cover)
-    taken |= gain == float("-inf")
+    taken |= gain < _TAKEN // 2
     return cover
+
+
+def fixed_point(dup: torch.Tensor) -> torch.Tensor:
+    """Duplications in [0, 1] as int64 units of 2^-40: coverage sums over any video are exact (N·2^40 << 2^63)."""
+    return (dup * _FIXED_POINT).round_().long()

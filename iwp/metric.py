@@ -133,10 +133,13 @@ class DenseDuplication:
         self.distinct = order.numel() == n
         unique = feats.take(first[order])
         keys = unique.keys - unique.keys.mean(0, keepdim=True)  # distances are shift-invariant; centring shrinks cancellation
-        keys = keys / math.sqrt(feats.scale)  # so that k_i·k_j − ‖k_i‖²/2 − ‖k_j‖²/2 is the kernel's exponent
-        self.keys = keys.transpose(0, 1).contiguous()  # (H, U, dk)
+        keys = (keys / math.sqrt(feats.scale)).transpose(0, 1)  # (H, U, dk): k_i·k_j − ‖k_i‖²/2 − ‖k_j‖²/2 is the exponent
+        half_sq_norm = 0.5 * keys.square().sum(-1, keepdim=True)
+        ones = torch.ones_like(half_sq_norm)
+        # [k_i, −n_i, −1]·[k_j, 1, n_j] = k_i·k_j − n_i − n_j: one product gives the exponent, no broadcast sum
+        self.row_keys = torch.cat([keys, -half_sq_norm, -ones], dim=-1).contiguous()  # (H, U, dk + 2)
+        self.col_keys = torch.cat([keys, ones, half_sq_norm], dim=-1).contiguous()
         self.values = unique.unit_values.transpose(0, 1).contiguous()  # (H, U, dv)
-        self.half_sq_norm = 0.5 * self.keys.square().sum(-1)  # (H, U)
         self.weights = None if unique.head_weights is None else unique.head_weights.transpose(0, 1).contiguous()
         self.self_dup = pair_duplication(unique, unique)  # (U,) what the elementwise form gives a pair of copies
 
@@ -145,18 +148,17 @@ class DenseDuplication:
         return self.ids.numel()
 
     def _unique_block(self, rows: slice | torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
-        every = torch.arange(self.keys.shape[1], device=self.keys.device)
+        every = torch.arange(self.values.shape[1], device=self.values.device)
         row_ids, col_ids = every[rows], every[cols]  # sorted representative indices
-        kc, vc, nc = self.keys[:, col_ids], self.values[:, col_ids], self.half_sq_norm[:, col_ids]
+        kc, vc = self.col_keys[:, col_ids].transpose(1, 2), self.values[:, col_ids].transpose(1, 2)
         wc = None if self.weights is None else self.weights[:, col_ids]
-        step = max(1, _BLOCK_ELEMENTS // max(1, self.keys.shape[0] * col_ids.numel()))
+        step = max(1, _BLOCK_ELEMENTS // max(1, self.values.shape[0] * col_ids.numel()))
         out = []
         for start in range(0, row_ids.numel(), step):
             r = row_ids[start:start + step]
-            exponent = torch.baddbmm(-(self.half_sq_norm[:, r, None] + nc[:, None, :]), self.keys[:, r], kc.transpose(1, 2))
             # <= 0 (a squared distance); exp(−87) is the smallest normal float32, below it exp is ~6x slower
-            kernel = exponent.clamp_(_MIN_NORMAL_LOG, 0.0).exp_()
-            per_head = torch.matmul(self.values[:, r], vc.transpose(1, 2)).mul_(kernel)
+            kernel = torch.matmul(self.row_keys[:, r], kc).clamp_(_MIN_NORMAL_LOG, 0.0).exp_()
+            per_head = torch.matmul(self.values[:, r], vc).mul_(kernel)
             if wc is None:
                 block = per_head.mean(0)
             else:
@@ -166,7 +168,7 @@ class DenseDuplication:
             same = torch.nonzero(col_ids[pos] == r).flatten()
             block[same, pos[same]] = self.self_dup[r[same]]
             out.append(block)
-        return torch.cat(out) if out else self.keys.new_zeros((0, col_ids.numel()))
+        return torch.cat(out) if out else self.values.new_zeros((0, col_ids.numel()))
 
     def block(self, rows: slice | torch.Tensor = slice(None), cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(R, C) duplication of the tokens at `rows` (indices or a slice) with those at `cols`."""
@@ -178,8 +180,8 @@ class DenseDuplication:
 
     def full(self) -> torch.Tensor:
         """(N, N): the upper triangle of blocks is computed and mirrored (dup is exactly symmetric)."""
-        n_unique = self.keys.shape[1]
-        out = self.keys.new_empty((n_unique, n_unique))
+        n_unique = self.values.shape[1]
+        out = self.values.new_empty((n_unique, n_unique))
         for c0 in range(0, n_unique, _SYMMETRIC_STEP):
             c1 = min(n_unique, c0 + _SYMMETRIC_STEP)
             upper = self._unique_block(slice(0, c1), slice(c0, c1))  # rows 0..c1 × this column block
