@@ -113,8 +113,9 @@ def content_ids(*parts: torch.Tensor | None) -> torch.Tensor:
 class DenseDuplication:
     """Blocks of the duplication matrix of one video's tokens, in matrix form (two products per head).
 
-    Squared key distances come from ‖k_i‖² + ‖k_j‖² − 2 k_i·k_j with keys centred over the video, value
-    cosines from the same kind of product, so a block's temporaries are (H, R, C), never (R, C, H, d).
+    The kernel's exponent −‖k_i − k_j‖²/(2s) comes from one product of keys (centred over the video)
+    augmented with their half squared norms, value cosines from a second product, so a block's temporaries
+    are (H, R, C), never (R, C, H, d).
     Exact copies (keys and values equal bit for bit, e.g. a skipped vision group's reused embeddings) are
     computed once: blocks are built on one representative per content and gathered, so copies get equal
     rows and columns, and a pair of copies gets the duplication the elementwise form gives it.
@@ -142,10 +143,6 @@ class DenseDuplication:
         self.values = unique.unit_values.transpose(0, 1).contiguous()  # (H, U, dv)
         self.weights = None if unique.head_weights is None else unique.head_weights.transpose(0, 1).contiguous()
         self.self_dup = pair_duplication(unique, unique)  # (U,) what the elementwise form gives a pair of copies
-
-    @property
-    def n_tokens(self) -> int:
-        return self.ids.numel()
 
     def _unique_block(self, rows: slice | torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
         every = torch.arange(self.values.shape[1], device=self.values.device)
