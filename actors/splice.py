@@ -126,12 +126,14 @@ def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_sc
     while True:
         result: PruneResult = prune_tokens(spec.method, video.embeds, video.layout, budget_for(n, retention),
                                            keys=keys, values=values, attn_scores=attn_scores,
-                                           settings=spec.settings, generator=generator)
+                                           settings=spec.settings, generator=generator,
+                                           with_residual=spec.compensation == "none")
         keep = result.keep.to(device)
         embeds = result.embeds if result.embeds is not None else video.embeds[keep]
         counts = None
         if spec.compensation != "none":
-            comp = assign_to_kept(keys, values, keep, spec.settings, video.layout, spec.compensation_assignment)
+            comp = assign_to_kept(keys, values, keep, spec.settings, video.layout, spec.compensation_assignment,
+                                  duplication=result.duplication)
             counts = comp.counts if uses_bias(spec.compensation) else None
             if uses_merge(spec.compensation):
                 embeds = merged_embeddings(video.embeds, comp)

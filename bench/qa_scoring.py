@@ -207,7 +207,8 @@ def answer_items(qa: QAModel, encoded: list[EncodedVideo], items: list[QAItem], 
     for i, (it, p, text) in enumerate(zip(items, pruned_of, texts)):
         row = {"qtype": it.qtype, "prompt": it.prompt, "answer": it.answer, "text": text,
                "correct": normalize_answer(text) == normalize_answer(it.answer),
-               "kept": int(p.keep.numel()), "full": p.n_full, "residual": p.residual}
+               "kept": int(p.keep.numel()), "full": p.n_full, "residual": p.residual,
+               "retention_used": p.retention_used}
         if loglik:
             pick = it.options[int(np.argmax(all_scores[i]))]
             row["loglik_pick"] = pick

@@ -81,7 +81,8 @@ class SpeedConfig:
     vision_skip_threshold: float | None = None  # also run every case with the vision skip at this threshold
     decode_loops: tuple[str, ...] = ("dynamic",)  # every case once per decode loop (DECODE_LOOPS)
     eos_check_every: int = 8                      # static loops: steps between EOS checks (EOS is disabled here)
-    compensation: str = "none"                    # pruned cases: "bias" adds the log-count attention bias (4-D mask)
+    compensation: str = "auto"                    # pruned cases: "bias" adds the log-count attention bias (4-D mask);
+                                                  # "auto": what `framescribe run` does (bias for iwp, none otherwise)
 
     def __post_init__(self) -> None:
         from iwp import PRUNERS
@@ -93,9 +94,9 @@ class SpeedConfig:
                 raise ValueError(f"decode_loops: {d!r} is not one of {', '.join(DECODE_LOOPS)}")
         if not self.decode_loops:
             raise ValueError("decode_loops: name at least one")
-        if self.compensation not in ("none", "bias"):
-            raise ValueError(f"compensation: {self.compensation!r} is not 'none' or 'bias'")
-        if self.compensation != "none" and "batched" in self.prune_modes:
+        if self.compensation not in ("auto", "none", "bias"):
+            raise ValueError(f"compensation: {self.compensation!r} is not 'auto', 'none' or 'bias'")
+        if self.compensation == "bias" and "batched" in self.prune_modes:
             raise ValueError("compensation: the batched (lockstep) selection has no compensation; use per_video")
         if self.eos_check_every < 1:
             raise ValueError(f"eos_check_every: must be >= 1, got {self.eos_check_every}")
@@ -256,6 +257,16 @@ def prune_batched(encoded, spec, language_model):
     return out
 
 
+def case_compensation(compensation: str, case: Case) -> str:
+    """The compensation a case runs with: none unpruned and in the batched selection (it has none); "auto"
+    is the run's default for the pruner."""
+    from iwp.registry import default_compensation
+
+    if case.pruner == "none" or case.prune_mode == "batched":
+        return "none"
+    return default_compensation(case.pruner) if compensation == "auto" else compensation
+
+
 def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens: int, seed: int = 0,
                  clock=time.perf_counter, decoder=None, compensation: str = "none") -> dict:
     """One timed pass of the captioning path for one batch (`decoder`: the case's static decoder, or None)."""
@@ -266,7 +277,7 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
 
     device = built.device
     spec = PruneSpec(method=case.pruner, retention=case.retention, seed=seed,
-                     compensation="none" if case.pruner == "none" else compensation)
+                     compensation=case_compensation(compensation, case))
     # the processor's share of the vision time, timed on its own (outside the end-to-end pass)
     sync_device(device)
     tp = clock()
@@ -351,7 +362,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
     rows = []
     for case, runs in results.items():
         row = {**base_info, "pruner": case.pruner, "retention": case.retention, "prune_mode": case.prune_mode,
-               "compensation": "none" if case.pruner == "none" else cfg.compensation,
+               "compensation": case_compensation(cfg.compensation, case),
                "vision_skip_threshold": "" if case.skip is None else case.skip, "decode_loop": case.decode,
                "eos_check_every": "" if case.decode == "dynamic" else cfg.eos_check_every}
         for k in ("preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms",
@@ -566,8 +577,9 @@ def command(
                                      "dynamic (growing cache) | static (static KV cache, masks allocated once) | "
                                      "compiled (static with a torch.compile'd step; CUDA graphs on a GPU)"),
     eos_check_every: int = typer.Option(8, help="static loops: decoding steps between EOS checks"),
-    compensation: str = typer.Option("none", help="none | bias: pruned cases carry the log-count attention bias "
-                                     "(a 4-D float mask: no flash kernel)"),
+    compensation: str = typer.Option("auto", help="auto | none | bias: pruned cases carry the log-count attention "
+                                     "bias (a 4-D float mask: no flash kernel); auto: as `framescribe run` does "
+                                     "(bias for iwp, none for the other pruners and the batched selection)"),
 ):
     """Prefill / pruning / decode / end-to-end speed of pruned vs unpruned captioning, one model shape."""
     from rich.console import Console

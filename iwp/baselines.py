@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .cover import select_tokens_cover
+from .cover import cover_selection
 from .layout import TokenLayout
 from .metric import relative_residual
 from .registry import PRUNERS
@@ -29,6 +29,7 @@ class PruneResult:
     keep: torch.Tensor  # sorted kept indices into the N visual tokens, length == budget
     embeds: torch.Tensor | None = None  # (K, D) merged embeddings (merging methods); None = gather originals
     residual: float | None = None  # IWP relative residual ‖W − W_S‖²/‖W‖² when computed
+    duplication: torch.Tensor | None = None  # (N, N) IWP duplication when the selection built it (compensation reuses it)
 
 
 def _evenly_spaced(count: int, n: int, device=None) -> torch.Tensor:
@@ -222,8 +223,11 @@ def prune_tokens(
     attn_scores: torch.Tensor | None = None,
     settings: IWPSettings = IWPSettings(),
     generator: torch.Generator | None = None,
+    with_residual: bool = True,
 ) -> PruneResult:
-    """Keep exactly `budget` of the N visual tokens of one video with `method` (one of PRUNERS)."""
+    """Keep exactly `budget` of the N visual tokens of one video with `method` (one of PRUNERS).
+
+    with_residual=False skips IWP's uncompensated residual (a compensated caller measures its own)."""
     if method not in PRUNERS:
         raise ValueError(f"unknown pruning method {method!r}; expected one of {PRUNERS}")
     n = layout.n_tokens
@@ -263,10 +267,12 @@ def prune_tokens(
     else:
         _require_kv(method, keys, values, n)
         variant = replace(settings, **IWP_VARIANTS[method])
+        duplication = None
         if variant.chunking == "temporal" and (variant.selection, variant.chunk_budget) != ("pcmmr", "floor"):
-            keep = select_tokens_cover(keys, values, layout, budget, variant)
+            selected = cover_selection(keys, values, layout, budget, variant)
+            keep, duplication = selected.keep, selected.duplication
         else:
             keep = select_tokens_pcmmr(keys, values, layout, budget, variant)
-        residual = relative_residual(keys, values, keep, variant, generator=generator)
-        return PruneResult(keep, residual=residual)
+        residual = relative_residual(keys, values, keep, variant, generator=generator) if with_residual else None
+        return PruneResult(keep, residual=residual, duplication=duplication)
     return PruneResult(torch.sort(keep).values)

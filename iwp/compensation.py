@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import TokenLayout
-from .metric import duplication
+from .metric import DenseDuplication, token_features
 from .registry import ASSIGNMENTS, COMPENSATIONS
 from .settings import IWPSettings
 
@@ -54,11 +54,13 @@ def assign_to_kept(
     settings: IWPSettings = IWPSettings(),
     layout: TokenLayout | None = None,
     assignment: str = "global",
+    duplication: torch.Tensor | None = None,
 ) -> Compensation:
     """Assign every pruned token to the kept token of highest IWP duplication (ties: the earlier kept token).
 
     assignment="chunk" only looks at kept tokens of the pruned token's temporal chunk (falling back to all
-    kept tokens when its chunk kept none).
+    kept tokens when its chunk kept none). `duplication`: the video's (N, N) duplication matrix when the
+    selection already built it (`PruneResult.duplication`); otherwise the needed block is computed in matrix form.
     """
     check_compensation("none", assignment)
     n = keys.shape[0]
@@ -73,9 +75,10 @@ def assign_to_kept(
     dropped_idx = torch.nonzero(dropped).flatten()
     if dropped_idx.numel():
         chunk_of = layout.chunk_ids(keys.device) if (layout is not None and assignment == "chunk") else None
+        kernel = DenseDuplication(token_features(keys, values, settings)) if duplication is None else None
         for start in range(0, dropped_idx.numel(), _ASSIGN_BLOCK):
             rows = dropped_idx[start : start + _ASSIGN_BLOCK]
-            dup = duplication(keys[rows], values[rows], keys[keep], values[keep], settings)  # (R, K)
+            dup = kernel.block(rows, keep) if kernel is not None else duplication[rows][:, keep]  # (R, K)
             if chunk_of is not None:
                 same = chunk_of[rows][:, None] == chunk_of[keep][None, :]
                 has_any = same.any(dim=1, keepdim=True)

@@ -16,21 +16,46 @@ kept ones. Two parts, each an option of `IWPSettings` so it can be ablated:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .layout import TokenLayout
-from .metric import TokenFeatures, duplication_matrix, token_features
-from .select import chunk_floor, mmr_score, normalized_magnitude, split_proportional
+from .metric import DenseDuplication, TokenFeatures, duplication_matrix, token_features
+from .select import DUP_FORMS, chunk_floor, mmr_score, normalized_magnitude, split_proportional
 from .settings import IWPSettings
 
+_FIXED_POINT = float(1 << 40)
+_TAKEN = -(1 << 62)  # the gain of a taken candidate
+_FULL_MATRIX_ELEMENTS = 1 << 26  # up to 8192 tokens the (N, N) matrix (256 MB) is built once, symmetric
 
-def token_novelty(feats: TokenFeatures, layout: TokenLayout) -> torch.Tensor:
+
+def duplication_kernel(feats: TokenFeatures, form: str = "matrix"):
+    """Blocks of the video's duplication matrix: matrix form (`DenseDuplication`) or the elementwise reference."""
+    if form == "matrix":
+        return DenseDuplication(feats)
+    if form == "elementwise":
+        return ElementwiseDuplication(feats)
+    raise ValueError(f"form must be one of {DUP_FORMS}, got {form!r}")
+
+
+class ElementwiseDuplication:
+    """The reference: `duplication_matrix` on the tokens of one video, with DenseDuplication's `block` API."""
+
+    def __init__(self, feats: TokenFeatures):
+        self.feats = feats
+
+    def block(self, rows=slice(None), cols=slice(None)) -> torch.Tensor:
+        return duplication_matrix(self.feats.take(rows), self.feats.take(cols))
+
+
+def token_novelty(feats: TokenFeatures, layout: TokenLayout, kernel=None) -> torch.Tensor:
     """(N,) 1 − max duplication with any token of an earlier temporal group, clamped to [0, 1]; 1 in group 0."""
+    kernel = kernel or duplication_kernel(feats)
     novelty = torch.ones(layout.n_tokens, device=feats.keys.device)
     starts = layout.chunk_starts()
     for start, size in zip(starts[1:], layout.chunk_sizes[1:]):
-        dup = duplication_matrix(feats.take(slice(start, start + size)), feats.take(slice(0, start)))
+        dup = kernel.block(slice(start, start + size), slice(0, start))
         novelty[start:start + size] = (1.0 - dup.max(dim=1).values).clamp(0.0, 1.0)
     return novelty
 
@@ -54,33 +79,63 @@ def split_capped(budget: int, weights: Sequence[float], caps: Sequence[int]) -> 
     return shares
 
 
-def chunk_budgets(layout: TokenLayout, budget: int, settings: IWPSettings, novelty: torch.Tensor | None) -> list[int]:
-    """Picks per temporal group: the floor, then the rest ∝ novelty mass ("novelty") or group size ("size")."""
+def chunk_budgets(layout: TokenLayout, budget: int, settings: IWPSettings, novelty) -> list[int]:
+    """Picks per temporal group: the floor, then the rest ∝ novelty mass ("novelty") or group size ("size").
+
+    `novelty` is the (N,) tensor or a callable giving it, called only when there is a rest to split."""
     f = chunk_floor(budget, layout.n_chunks, settings.floor)
     base = [min(f, size) for size in layout.chunk_sizes]
+    rest = budget - sum(base)
+    if rest == 0:  # the shipped floor 1.0 with T | K: an even split, no novelty needed
+        return base
     if settings.chunk_budget == "novelty":
+        novelty = novelty() if callable(novelty) else novelty
         starts = layout.chunk_starts()
         weights = [float(novelty[s:s + n].sum()) for s, n in zip(starts, layout.chunk_sizes)]
     else:
         weights = [float(n) for n in layout.chunk_sizes]
     caps = [size - b for size, b in zip(layout.chunk_sizes, base)]
-    extra = split_capped(budget - sum(base), weights, caps)
+    extra = split_capped(rest, weights, caps)
     return [b + e for b, e in zip(base, extra)]
 
 
+@dataclass
+class CoverSelection:
+    keep: torch.Tensor  # sorted kept indices, exactly the budget
+    duplication: torch.Tensor | None  # the (N, N) duplication matrix when one was built (the compensation reuses it)
+
+
 def select_tokens_cover(
-    keys: torch.Tensor, values: torch.Tensor, layout: TokenLayout, budget: int, settings: IWPSettings = IWPSettings()
+    keys: torch.Tensor, values: torch.Tensor, layout: TokenLayout, budget: int, settings: IWPSettings = IWPSettings(),
+    *, form: str = "matrix",
 ) -> torch.Tensor:
     """Sorted kept indices, exactly `budget`: per temporal group (in time order) its share of the budget, picked
-    by coverage gain or MMR against everything kept so far (earlier groups included)."""
+    by coverage gain or MMR against everything kept so far (earlier groups included).
+
+    `form` is how the duplication kernel is computed: "matrix" (default; one (N, N) matrix, symmetric, from
+    matrix products, when it fits in `_FULL_MATRIX_ELEMENTS`, else one (N, group) block per group) or
+    "elementwise" (the reference). Picks of the two differ only where two gains tie to float rounding.
+    """
+    return cover_selection(keys, values, layout, budget, settings, form=form).keep
+
+
+def cover_selection(
+    keys: torch.Tensor, values: torch.Tensor, layout: TokenLayout, budget: int, settings: IWPSettings = IWPSettings(),
+    *, form: str = "matrix",
+) -> CoverSelection:
+    """`select_tokens_cover`, also returning the duplication matrix it built (None when it built blocks)."""
     n = layout.n_tokens
     if not 0 <= budget <= n:
         raise ValueError(f"budget must be in [0, {n}], got {budget}")
     feats = token_features(keys, values, settings)
-    novelty = token_novelty(feats, layout) if settings.chunk_budget == "novelty" else None
+    kernel = duplication_kernel(feats, form)
+    full = kernel.full() if form == "matrix" and n * n <= _FULL_MATRIX_ELEMENTS else None
+    if full is not None:
+        kernel = _Sliced(full)
     if settings.chunk_budget == "global":
         groups = [(0, n, budget)]
     else:
+        novelty = lambda: token_novelty(feats, layout, kernel)  # noqa: E731 (only when the budget has a rest to split)
         per_chunk = (chunk_budgets(layout, budget, settings, novelty) if settings.chunk_budget != "floor" else
                      [min(chunk_floor(budget, layout.n_chunks, settings.floor), size) for size in layout.chunk_sizes])
         groups = [(s, s + size, k) for s, size, k in zip(layout.chunk_starts(), layout.chunk_sizes, per_chunk)]
@@ -88,20 +143,60 @@ def select_tokens_cover(
             groups.append((0, n, budget - sum(per_chunk)))
     device = feats.keys.device
     cover = torch.zeros(n, device=device)  # max duplication of each token with the kept set (0: nothing kept)
+    cover_q = torch.zeros(n, dtype=torch.long, device=device)  # the same in fixed point (selection="cover")
     mhat = normalized_magnitude(feats.log_magnitude, settings)
     taken = torch.zeros(n, dtype=torch.bool, device=device)
     for start, end, k in groups:
         if k == 0:
             continue
-        dup = duplication_matrix(feats, feats.take(slice(start, end))).clamp_min(0.0)  # (N, chunk): token x candidate
-        for _ in range(k):
-            if settings.selection == "cover":
-                score = (dup - cover[:, None]).clamp_min(0.0).sum(0)  # coverage gain of each candidate
-            else:
+        dup_t = kernel.block(slice(start, end), slice(None)).clamp_min(0.0)  # (chunk, N): candidate x token
+        if settings.selection == "cover":
+            cover_q = _greedy_cover(fixed_point(dup_t), cover_q, taken[start:end], k)
+        else:
+            dup = dup_t.T  # dup is symmetric
+            for _ in range(k):
                 score = mmr_score(mhat[start:end], cover[start:end], settings)  # penalty: own max dup with kept
-            score = score.masked_fill(taken[start:end], float("-inf"))
-            j = int(score.argmax())  # first index on ties: the earlier token
-            taken[start + j] = True
-            cover = torch.maximum(cover, dup[:, j])
-    return torch.nonzero(taken).flatten()
+                j = int(score.masked_fill(taken[start:end], float("-inf")).argmax())
+                taken[start + j] = True
+                cover = torch.maximum(cover, dup[:, j])
+    return CoverSelection(torch.nonzero(taken).flatten(), full)
 
+
+class _Sliced:
+    """A precomputed (N, N) duplication matrix behind the `block` API."""
+
+    def __init__(self, full: torch.Tensor):
+        self.full = full
+
+    def block(self, rows=slice(None), cols=slice(None)) -> torch.Tensor:
+        return self.full[rows][:, cols]
+
+
+def _greedy_cover(dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
+    """k greedy facility-location picks among the rows of dup_t (C candidates, N tokens; fixed point), marked in
+    `taken` (C,) in place; returns the new cover (N,).
+
+    A candidate's gain Σ_n max(dup[j, n] − cover[n], 0) is kept up to date instead of recomputed: a pick
+    raises the cover only of the tokens it covers better, from old to new, and each such token's term drops by
+    clamp(dup, old, new) − old. In fixed point every sum is exact: a candidate with nothing left to cover has
+    gain exactly 0, as a recomputed sum would, and ties (exact copies, all-covered candidates) go to the first index.
+    """
+    cover = cover.clone()
+    gain = (dup_t - cover).clamp_min_(0).sum(1)
+    gain[taken] = _TAKEN  # far below any gain, and stays so whatever is subtracted later
+    dup = dup_t.T
+    for _ in range(k):
+        j = int(gain.argmax())  # first index on ties: the earlier token
+        gain[j] = _TAKEN
+        column = dup_t[j]
+        rows = torch.nonzero(column > cover).flatten()
+        old = cover[rows, None]
+        gain -= (torch.clamp(dup[rows], min=old, max=column[rows, None]) - old).sum(0)
+        torch.maximum(cover, column, out=cover)
+    taken |= gain < _TAKEN // 2
+    return cover
+
+
+def fixed_point(dup: torch.Tensor) -> torch.Tensor:
+    """Duplications in [0, 1] as int64 units of 2^-40: coverage sums over any video are exact (N·2^40 << 2^63)."""
+    return (dup * _FIXED_POINT).round_().long()

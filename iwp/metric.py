@@ -17,6 +17,8 @@ from .settings import IWPSettings
 _TINY_NORM = 1e-30  # floor for ‖v‖ so log‖v‖ stays finite for all-zero values
 _BLOCK_ELEMENTS = 1 << 22  # bound on the temporaries of one dense block (elements)
 _SAMPLE_BLOCK = 8192  # sampled pairs evaluated per block
+_SYMMETRIC_STEP = 256  # column block of DenseDuplication.full: ~half the products of the whole matrix
+_MIN_NORMAL_LOG = -87.0  # exp of anything lower is a float32 denormal (< 1.7e-38): clamp, it is 0 for every use
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,94 @@ def duplication_matrix(a: TokenFeatures, b: TokenFeatures) -> torch.Tensor:
     if not rows:
         return a.keys.new_zeros((0, n_b))
     return torch.cat(rows, dim=0)
+
+
+def content_ids(*parts: torch.Tensor | None) -> torch.Tensor:
+    """Per token of one video, an id shared exactly by the tokens whose parts (N, ...) are all equal bit for bit."""
+    n = parts[0].shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=parts[0].device)
+    flat = torch.cat([p.reshape(n, -1) for p in parts if p is not None], dim=1)
+    return torch.unique(flat, dim=0, return_inverse=True)[1]
+
+
+class DenseDuplication:
+    """Blocks of the duplication matrix of one video's tokens, in matrix form (two products per head).
+
+    The kernel's exponent −‖k_i − k_j‖²/(2s) comes from one product of keys (centred over the video)
+    augmented with their half squared norms, value cosines from a second product, so a block's temporaries
+    are (H, R, C), never (R, C, H, d).
+    Exact copies (keys and values equal bit for bit, e.g. a skipped vision group's reused embeddings) are
+    computed once: blocks are built on one representative per content and gathered, so copies get equal
+    rows and columns, and a pair of copies gets the duplication the elementwise form gives it.
+    Elsewhere the values differ from `duplication_matrix` (the elementwise reference) by float rounding.
+    """
+
+    def __init__(self, feats: TokenFeatures):
+        n = feats.keys.shape[0]
+        ids = content_ids(feats.keys, feats.unit_values, feats.head_weights)
+        first = torch.full((int(ids.max()) + 1 if n else 0,), n, dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, ids, torch.arange(n, device=ids.device), "amin")
+        order = torch.argsort(first)  # representatives in token order: no gather at all when every token is distinct
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=ids.device)
+        self.ids = rank[ids]  # (N,) index of the token's representative, 0..U−1 in order of first appearance
+        self.distinct = order.numel() == n
+        unique = feats.take(first[order])
+        keys = unique.keys - unique.keys.mean(0, keepdim=True)  # distances are shift-invariant; centring shrinks cancellation
+        keys = (keys / math.sqrt(feats.scale)).transpose(0, 1)  # (H, U, dk): k_i·k_j − ‖k_i‖²/2 − ‖k_j‖²/2 is the exponent
+        half_sq_norm = 0.5 * keys.square().sum(-1, keepdim=True)
+        ones = torch.ones_like(half_sq_norm)
+        # [k_i, −n_i, −1]·[k_j, 1, n_j] = k_i·k_j − n_i − n_j: one product gives the exponent, no broadcast sum
+        self.row_keys = torch.cat([keys, -half_sq_norm, -ones], dim=-1).contiguous()  # (H, U, dk + 2)
+        self.col_keys = torch.cat([keys, ones, half_sq_norm], dim=-1).contiguous()
+        self.values = unique.unit_values.transpose(0, 1).contiguous()  # (H, U, dv)
+        self.weights = None if unique.head_weights is None else unique.head_weights.transpose(0, 1).contiguous()
+        self.self_dup = pair_duplication(unique, unique)  # (U,) what the elementwise form gives a pair of copies
+
+    def _unique_block(self, rows: slice | torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
+        every = torch.arange(self.values.shape[1], device=self.values.device)
+        row_ids, col_ids = every[rows], every[cols]  # sorted representative indices
+        kc, vc = self.col_keys[:, col_ids].transpose(1, 2), self.values[:, col_ids].transpose(1, 2)
+        wc = None if self.weights is None else self.weights[:, col_ids]
+        step = max(1, _BLOCK_ELEMENTS // max(1, self.values.shape[0] * col_ids.numel()))
+        out = []
+        for start in range(0, row_ids.numel(), step):
+            r = row_ids[start:start + step]
+            # <= 0 (a squared distance); exp(−87) is the smallest normal float32, below it exp is ~6x slower
+            kernel = torch.matmul(self.row_keys[:, r], kc).clamp_(_MIN_NORMAL_LOG, 0.0).exp_()
+            per_head = torch.matmul(self.values[:, r], vc).mul_(kernel)
+            if wc is None:
+                block = per_head.mean(0)
+            else:
+                block = per_head.mul_(self.weights[:, r, None]).mul_(wc[:, None, :]).sum(0)
+            # a representative with itself (a pair of copies): what the elementwise form gives it
+            pos = torch.searchsorted(col_ids, r).clamp_max(col_ids.numel() - 1)
+            same = torch.nonzero(col_ids[pos] == r).flatten()
+            block[same, pos[same]] = self.self_dup[r[same]]
+            out.append(block)
+        return torch.cat(out) if out else self.values.new_zeros((0, col_ids.numel()))
+
+    def block(self, rows: slice | torch.Tensor = slice(None), cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """(R, C) duplication of the tokens at `rows` (indices or a slice) with those at `cols`."""
+        if self.distinct and isinstance(rows, slice) and isinstance(cols, slice):
+            return self._unique_block(rows, cols)
+        row_rep, row_inv = torch.unique(self.ids[rows], return_inverse=True)
+        col_rep, col_inv = torch.unique(self.ids[cols], return_inverse=True)
+        return self._unique_block(row_rep, col_rep)[row_inv][:, col_inv]
+
+    def full(self) -> torch.Tensor:
+        """(N, N): the upper triangle of blocks is computed and mirrored (dup is exactly symmetric)."""
+        n_unique = self.values.shape[1]
+        out = self.values.new_empty((n_unique, n_unique))
+        for c0 in range(0, n_unique, _SYMMETRIC_STEP):
+            c1 = min(n_unique, c0 + _SYMMETRIC_STEP)
+            upper = self._unique_block(slice(0, c1), slice(c0, c1))  # rows 0..c1 × this column block
+            diagonal = upper[c0:c1]  # products of a block with itself can round differently on both sides
+            upper[c0:c1] = diagonal.triu() + diagonal.triu(1).T
+            out[:c1, c0:c1] = upper
+            out[c0:c1, :c0] = upper[:c0].T
+        return out if self.distinct else out[self.ids][:, self.ids]
 
 
 def _unsqueeze_tokens(f: TokenFeatures, dim: int) -> TokenFeatures:

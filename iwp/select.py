@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .layout import TokenLayout
-from .metric import TokenFeatures, duplication_matrix, pair_duplication, token_features
+from .metric import TokenFeatures, content_ids, duplication_matrix, pair_duplication, token_features
 from .settings import IWPSettings
 
 ANY_CHUNK = -1  # schedule entry: the pick may come from any chunk
@@ -129,15 +129,6 @@ def _picked_rows(feats: TokenFeatures, pick: torch.Tensor) -> TokenFeatures:
         feats.scale,
         feats.head_agg,
     )
-
-
-def content_ids(*parts: torch.Tensor | None) -> torch.Tensor:
-    """Per token of one video, an id shared exactly by the tokens whose parts (N, ...) are all equal bit for bit."""
-    n = parts[0].shape[0]
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=parts[0].device)
-    flat = torch.cat([p.reshape(n, -1) for p in parts if p is not None], dim=1)
-    return torch.unique(flat, dim=0, return_inverse=True)[1]
 
 
 class _MatrixRows:

@@ -95,3 +95,74 @@ def test_shipped_floor_is_an_even_share_then_novelty():
     shares = chunk_budgets(layout, 13, s, nov)
     assert min(shares) == 1 and sum(shares) == 13 and shares[0] == 1 + 4 and shares[5] == 2
     assert chunk_budgets(layout, 7, s, nov)[0] >= 5
+
+
+def _oracle_cover(dup: torch.Tensor, layout: TokenLayout, per_chunk: list[int]) -> list[int]:
+    """Brute force per group: every candidate's total coverage, the first index on exact ties."""
+    picked, cover = [], torch.zeros(dup.shape[0], dtype=dup.dtype)
+    dup = dup.clamp_min(0.0)
+    for start, size, k in zip(layout.chunk_starts(), layout.chunk_sizes, per_chunk):
+        for _ in range(k):
+            totals = {j: float(torch.maximum(cover, dup[:, j]).sum()) for j in range(start, start + size)
+                      if j not in picked}
+            j = max(totals, key=lambda c: (totals[c], -c))
+            picked.append(j)
+            cover = torch.maximum(cover, dup[:, j])
+    return sorted(picked)
+
+
+def test_cover_with_exact_copies_matches_the_oracle_and_zero_gain_ties_go_to_the_first_index():
+    # group 0: 8 distinct tokens; groups 1-2: copies of them in another order. After group 0's 6 picks only the
+    # copies of its 2 unpicked tokens gain anything; every later pick has gain exactly 0 and must be the earliest.
+    g = torch.Generator().manual_seed(11)
+    k, v = torch.randn(8, 2, 8, generator=g), torch.randn(8, 2, 8, generator=g)
+    perm = torch.tensor([3, 0, 7, 5, 1, 6, 2, 4])
+    keys, values = torch.cat([k, k[perm], k.flip(0)]), torch.cat([v, v[perm], v.flip(0)])
+    layout = TokenLayout((8, 8, 8))
+    s = IWPSettings(chunk_budget="floor", floor=1.0)
+    f = token_features(keys, values, s)
+    for form in ("matrix", "elementwise"):
+        keep = select_tokens_cover(keys, values, layout, 18, s, form=form)
+        assert keep.tolist() == _oracle_cover(duplication_matrix(f, f).double(), layout, [6, 6, 6]), form
+
+
+@pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
+@pytest.mark.parametrize("key_scale", [0.3, 1.0, 3.0])
+def test_cover_matrix_form_picks_equal_the_elementwise_form(head_agg, key_scale, monkeypatch):
+    import iwp.cover as cover
+
+    g = torch.Generator().manual_seed(int(key_scale * 10))
+    keys, values = torch.randn(6 * 24, 2, 16, generator=g) * key_scale, torch.randn(6 * 24, 2, 16, generator=g)
+    keys[48:72], values[48:72] = keys[:24], values[:24]  # a repeated group: exact copies
+    layout = TokenLayout((24,) * 6)
+    s = IWPSettings(head_agg=head_agg)
+    for budget in (7, 36, 70):
+        reference = select_tokens_cover(keys, values, layout, budget, s, form="elementwise")
+        assert torch.equal(select_tokens_cover(keys, values, layout, budget, s), reference)  # one (N, N) matrix
+        monkeypatch.setattr(cover, "_FULL_MATRIX_ELEMENTS", 0)  # long videos: one block per group
+        assert torch.equal(select_tokens_cover(keys, values, layout, budget, s), reference)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("head_agg", ["mean", "frobenius"])
+@pytest.mark.parametrize("key_scale,atol", [(1.0, 1e-5), (30.0, 1e-3)])
+def test_dense_duplication_is_the_elementwise_kernel_in_matrix_form(head_agg, key_scale, atol):
+    from iwp.metric import DenseDuplication
+
+    g = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(90, 3, 32, generator=g) * key_scale, torch.randn(90, 3, 8, generator=g)
+    keys[5] = keys[4] + 1e-3  # near copies: a distance from a cancellation-prone difference of norms
+    keys[60:], values[60:] = keys[:30], values[:30]  # copies
+    f = token_features(keys, values, IWPSettings(head_agg=head_agg))
+    reference = duplication_matrix(f, f)
+    kernel = DenseDuplication(f)
+    full = kernel.full()
+    # keys ~30 per dim: exponents are differences of ~5e3 norms, so near copies lose ~5e-4 to float32 rounding
+    assert torch.allclose(full, reference, atol=atol) and torch.equal(full, full.T)
+    copies = torch.arange(30)
+    assert torch.equal(full[copies, copies + 60], reference[copies, copies + 60])  # exactly the elementwise value
+    assert torch.equal(full.diagonal(), reference.diagonal())
+    assert torch.equal(full[:30], full[60:])  # copies get equal rows
+    rows, cols = torch.tensor([60, 3, 70]), torch.tensor([0, 5, 64, 89])
+    assert torch.allclose(kernel.block(rows, cols), reference[rows][:, cols], atol=atol)
+    assert torch.equal(kernel.block(rows, cols)[0, 0], reference[60, 0])  # a pair of copies through index tensors

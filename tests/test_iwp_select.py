@@ -235,7 +235,8 @@ def test_matrix_form_treats_exact_copies_as_duplicates(head_agg, floor):
 @pytest.mark.parametrize("key_scale", [1.0, 1e2, 1e3])
 def test_matrix_rows_give_copies_exactly_the_picks_own_duplication(head_agg, key_scale):
     from iwp.metric import pair_duplication, token_features
-    from iwp.select import _MatrixRows, _stack_features, content_ids
+    from iwp.metric import content_ids
+    from iwp.select import _MatrixRows, _stack_features
 
     keys, values = random_kv(32, heads=2, dk=128, dv=16, seed=5, key_scale=key_scale)
     keys, values = keys.repeat(3, 1, 1), values.repeat(3, 1, 1)

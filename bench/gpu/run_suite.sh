@@ -13,6 +13,8 @@ export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # 1. PC-MMR: matrix form vs elementwise reference, one video and a lockstep batch (7B shapes, N = 2048, 25 %)
 timeout 60 python -m bench.pcmmr_form --device cuda --batches 1,4,16 --repeats 5 | tee "$OUT/pcmmr_form.txt"
+#    and the shipped selection (temporal coverage, one video at a time), both forms
+timeout 60 python -m bench.pcmmr_form --device cuda --selection cover --batches 1 --repeats 5 | tee "$OUT/cover_form.txt"
 # 2. captioning, full-depth Qwen2.5-VL-7B shape, 16 frames 448 px, batch 4, 32 tokens: unpruned vs IWP 25 %,
 #    each without and with the vision skip, on static-camera and panning clips
 for content in static panning; do
