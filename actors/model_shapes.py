@@ -180,13 +180,14 @@ def qwen_config(shape: ModelShape, tokenizer, layers: int, vision_layers: int):
     ), vocab
 
 
-def qwen_processor(tokenizer, resolution: int):
+def qwen_processor(tokenizer, resolution: int, min_side: int | None = None):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from actors.tiny_model import QWEN_CHAT_TEMPLATE
 
-    # frames are fed at `resolution` (a multiple of 28): the pixel budget keeps them at that size
-    pix = dict(min_pixels=56 * 56, max_pixels=max(224 * 224, resolution * resolution))
+    # frames are fed at `resolution` (a multiple of 28): the pixel budget keeps them at that size; with
+    # `min_side`, smaller frames are upscaled to at least min_side² pixels
+    pix = dict(min_pixels=(min_side or 56) ** 2, max_pixels=max(224 * 224, resolution * resolution))
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tokenizer,
                                video_processor=Qwen2VLVideoProcessor(**pix), chat_template=QWEN_CHAT_TEMPLATE)
 

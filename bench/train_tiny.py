@@ -78,11 +78,9 @@ def check_frame_side(side: int) -> int:
 
 def upscaling_processor(processor, side: int):
     """The same Qwen2.5-VL processor with min_pixels = side²: a 112 px clip is resized (bicubic) to side x side."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from actors.model_shapes import qwen_processor
 
-    pix = dict(min_pixels=side * side, max_pixels=max(224 * 224, side * side))
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=processor.tokenizer,
-                               video_processor=Qwen2VLVideoProcessor(**pix), chat_template=processor.chat_template)
+    return qwen_processor(processor.tokenizer, side, min_side=side)
 
 
 def cells_per_side(frame_side: int) -> int:
