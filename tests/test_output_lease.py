@@ -214,10 +214,13 @@ def test_a_lost_lease_stops_the_run(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(LeaseLost, match="taken over"):
         with hold_output_lease(str(out), ttl_s=1.5, log=lambda m: None):
-            now = time.time()   # another run took it over (e.g. this one was paused past its TTL)
-            (out / "_framescribe" / "lease.json").write_bytes(
-                LeaseInfo(owner="thief", expires_at=now + 600, acquired_at=now, renewed_at=now).to_json())
-            time.sleep(10)
+            # another run took it over (e.g. this one was paused past its TTL). This write skips the lease's
+            # file lock, so a renewal already past its read can overwrite it once: the thief writes again.
+            for _ in range(50):
+                now = time.time()
+                (out / "_framescribe" / "lease.json").write_bytes(
+                    LeaseInfo(owner="thief", expires_at=now + 600, acquired_at=now, renewed_at=now).to_json())
+                time.sleep(0.2)
     assert json.loads((out / "_framescribe" / "lease.json").read_text())["owner"] == "thief"   # not released by us
 
 
