@@ -212,6 +212,19 @@ def test_a_lost_lease_stops_the_run(tmp_path):
     from pipeline.lease import LeaseInfo, LeaseLost, hold_output_lease
 
     out = tmp_path / "out"
+    # the lost lease interrupts the main thread with SIGINT: start from Python's own handler, unblocked, whatever
+    # an earlier test in this process left behind (a full-suite run saw the interrupt never arrive)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        _lose_the_lease_while_holding_it(out, LeaseInfo, LeaseLost, hold_output_lease)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    assert json.loads((out / "_framescribe" / "lease.json").read_text())["owner"] == "thief"   # not released by us
+
+
+def _lose_the_lease_while_holding_it(out, LeaseInfo, LeaseLost, hold_output_lease):
     with pytest.raises(LeaseLost, match="taken over"):
         with hold_output_lease(str(out), ttl_s=1.5, log=lambda m: None):
             # another run took it over (e.g. this one was paused past its TTL). This write skips the lease's
@@ -221,7 +234,6 @@ def test_a_lost_lease_stops_the_run(tmp_path):
                 (out / "_framescribe" / "lease.json").write_bytes(
                     LeaseInfo(owner="thief", expires_at=now + 600, acquired_at=now, renewed_at=now).to_json())
                 time.sleep(0.2)
-    assert json.loads((out / "_framescribe" / "lease.json").read_text())["owner"] == "thief"   # not released by us
 
 
 def test_a_hub_branch_is_pinned_to_its_commit(tmp_path, monkeypatch):
