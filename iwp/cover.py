@@ -141,25 +141,40 @@ def cover_selection(
         groups = [(s, s + size, k) for s, size, k in zip(layout.chunk_starts(), layout.chunk_sizes, per_chunk)]
         if settings.chunk_budget == "floor":  # the rest of the budget: picked from the whole video
             groups.append((0, n, budget - sum(per_chunk)))
-    device = feats.keys.device
-    cover = torch.zeros(n, device=device)  # max duplication of each token with the kept set (0: nothing kept)
-    cover_q = torch.zeros(n, dtype=torch.long, device=device)  # the same in fixed point (selection="cover")
-    mhat = normalized_magnitude(feats.log_magnitude, settings)
-    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    taken = torch.zeros(n, dtype=torch.bool, device=feats.keys.device)
+    if settings.selection == "cover":
+        _cover_groups(kernel, full, groups, taken)
+    else:
+        _mmr_groups(kernel, groups, taken, normalized_magnitude(feats.log_magnitude, settings), settings)
+    return CoverSelection(torch.nonzero(taken).flatten(), full)
+
+
+def _cover_groups(kernel, full: torch.Tensor | None, groups, taken: torch.Tensor) -> None:
+    """Greedy facility location per (start, end, k) group, in fixed point; marks picks in `taken` (N,)."""
+    cover = torch.zeros(taken.numel(), dtype=torch.long, device=taken.device)  # max dup of each token with the kept
+    full_q = None if full is None else fixed_point(full.clamp_min(0.0))  # converted once, not per group
     for start, end, k in groups:
         if k == 0:
             continue
-        dup_t = kernel.block(slice(start, end), slice(None)).clamp_min(0.0)  # (chunk, N): candidate x token
-        if settings.selection == "cover":
-            cover_q = _greedy_cover(fixed_point(dup_t), cover_q, taken[start:end], k)
+        if full_q is not None:  # symmetric: the (token x candidate) view is a column slice, rows contiguous
+            cover = _greedy_cover(full_q[start:end], cover, taken[start:end], k, full_q[:, start:end])
         else:
-            dup = dup_t.T  # dup is symmetric
-            for _ in range(k):
-                score = mmr_score(mhat[start:end], cover[start:end], settings)  # penalty: own max dup with kept
-                j = int(score.masked_fill(taken[start:end], float("-inf")).argmax())
-                taken[start + j] = True
-                cover = torch.maximum(cover, dup[:, j])
-    return CoverSelection(torch.nonzero(taken).flatten(), full)
+            dup_t = kernel.block(slice(start, end), slice(None)).clamp_min(0.0)  # (chunk, N): candidate x token
+            cover = _greedy_cover(fixed_point(dup_t), cover, taken[start:end], k)
+
+
+def _mmr_groups(kernel, groups, taken: torch.Tensor, mhat: torch.Tensor, settings: IWPSettings) -> None:
+    """MMR per group (magnitude − own max duplication with the kept set); marks picks in `taken` (N,)."""
+    cover = torch.zeros(taken.numel(), device=taken.device)  # max duplication of each token with the kept set
+    for start, end, k in groups:
+        if k == 0:
+            continue
+        dup = kernel.block(slice(start, end), slice(None)).clamp_min(0.0).T  # (N, chunk): dup is symmetric
+        for _ in range(k):
+            score = mmr_score(mhat[start:end], cover[start:end], settings)
+            j = int(score.masked_fill(taken[start:end], float("-inf")).argmax())
+            taken[start + j] = True
+            cover = torch.maximum(cover, dup[:, j])
 
 
 class _Sliced:
@@ -172,9 +187,10 @@ class _Sliced:
         return self.full[rows][:, cols]
 
 
-def _greedy_cover(dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
+def _greedy_cover(dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor, k: int,
+                  dup: torch.Tensor | None = None) -> torch.Tensor:
     """k greedy facility-location picks among the rows of dup_t (C candidates, N tokens; fixed point), marked in
-    `taken` (C,) in place; returns the new cover (N,).
+    `taken` (C,) in place; returns the new cover (N,). `dup`: dup_t.T with contiguous rows, when the caller has it.
 
     A candidate's gain Σ_n max(dup[j, n] − cover[n], 0) is kept up to date instead of recomputed: a pick
     raises the cover only of the tokens it covers better, from old to new, and each such token's term drops by
@@ -184,15 +200,17 @@ def _greedy_cover(dup_t: torch.Tensor, cover: torch.Tensor, taken: torch.Tensor,
     cover = cover.clone()
     gain = (dup_t - cover).clamp_min_(0).sum(1)
     gain[taken] = _TAKEN  # far below any gain, and stays so whatever is subtracted later
-    dup = dup_t.T
+    dup = dup_t.T.contiguous() if dup is None else dup  # gathered by rows below: contiguous rows, not strided columns
     for _ in range(k):
         j = int(gain.argmax())  # first index on ties: the earlier token
         gain[j] = _TAKEN
         column = dup_t[j]
         rows = torch.nonzero(column > cover).flatten()
-        old = cover[rows, None]
-        gain -= (torch.clamp(dup[rows], min=old, max=column[rows, None]) - old).sum(0)
-        torch.maximum(cover, column, out=cover)
+        raised = column[rows]
+        drop = dup[rows]  # clamp(dup, old, new) − old = max(min(dup, new) − old, 0), in place on one gathered copy
+        torch.minimum(drop, raised[:, None], out=drop)
+        gain -= drop.sub_(cover[rows, None]).clamp_min_(0).sum(0)
+        cover[rows] = raised
     taken |= gain < _TAKEN // 2
     return cover
 

@@ -147,24 +147,28 @@ class DenseDuplication:
     def _unique_block(self, rows: slice | torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
         every = torch.arange(self.values.shape[1], device=self.values.device)
         row_ids, col_ids = every[rows], every[cols]  # sorted representative indices
-        kc, vc = self.col_keys[:, col_ids].transpose(1, 2), self.values[:, col_ids].transpose(1, 2)
-        wc = None if self.weights is None else self.weights[:, col_ids]
+        cols = _as_range(cols, col_ids)  # a slice of representatives indexes as a view, indices as a copy
+        kc, vc = self.col_keys[:, cols].transpose(1, 2), self.values[:, cols].transpose(1, 2)
+        wc = None if self.weights is None else self.weights[:, cols]
         step = max(1, _BLOCK_ELEMENTS // max(1, self.values.shape[0] * col_ids.numel()))
         out = []
         for start in range(0, row_ids.numel(), step):
             r = row_ids[start:start + step]
+            r_at = _as_range(rows, r)
             # <= 0 (a squared distance); exp(−87) is the smallest normal float32, below it exp is ~6x slower
-            kernel = torch.matmul(self.row_keys[:, r], kc).clamp_(_MIN_NORMAL_LOG, 0.0).exp_()
-            per_head = torch.matmul(self.values[:, r], vc).mul_(kernel)
+            kernel = torch.matmul(self.row_keys[:, r_at], kc).clamp_(_MIN_NORMAL_LOG, 0.0).exp_()
+            per_head = torch.matmul(self.values[:, r_at], vc).mul_(kernel)
             if wc is None:
                 block = per_head.mean(0)
             else:
-                block = per_head.mul_(self.weights[:, r, None]).mul_(wc[:, None, :]).sum(0)
+                block = per_head.mul_(self.weights[:, r_at, None]).mul_(wc[:, None, :]).sum(0)
             # a representative with itself (a pair of copies): what the elementwise form gives it
             pos = torch.searchsorted(col_ids, r).clamp_max(col_ids.numel() - 1)
             same = torch.nonzero(col_ids[pos] == r).flatten()
             block[same, pos[same]] = self.self_dup[r[same]]
             out.append(block)
+        if len(out) == 1:
+            return out[0]
         return torch.cat(out) if out else self.values.new_zeros((0, col_ids.numel()))
 
     def block(self, rows: slice | torch.Tensor = slice(None), cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
@@ -187,6 +191,13 @@ class DenseDuplication:
             out[:c1, c0:c1] = upper
             out[c0:c1, :c0] = upper[:c0].T
         return out if self.distinct else out[self.ids][:, self.ids]
+
+
+def _as_range(index: slice | torch.Tensor, ids: torch.Tensor) -> slice | torch.Tensor:
+    """`ids` (sorted indices taken through `index`) as a slice when `index` is a unit-step slice, else as they are."""
+    if isinstance(index, slice) and index.step in (None, 1) and ids.numel() > 0:
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
 
 
 def _unsqueeze_tokens(f: TokenFeatures, dim: int) -> TokenFeatures:
