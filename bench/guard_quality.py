@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import (accuracy_rows, default_model, encode_clips, load_qa, paired_ci, parse_method,
+from bench.quality import (accuracy_rows, default_model, encode_clips, load_qa, paired_ci, print_tsv, parse_method,
                            repo_relative, verdict, write_csv)
 
 METHOD = "iwp"  # the shipped pruner; parse_method resolves its default compensation (bias)
@@ -202,9 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         (a.out / "guard_quality.md").write_text(markdown(rows, command))
         (a.out / "config.json").write_text(json.dumps(config, indent=2))
         columns = COLUMNS
-    print("\t".join(columns))
-    for r in rows:
-        print("\t".join(str(r[c]) for c in columns))
+    print_tsv(rows, columns)
     print(f"wrote {path}")
 
 

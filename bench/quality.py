@@ -581,6 +581,13 @@ def write_csv(path: Path, rows: list[dict], columns=None) -> Path:
     return path
 
 
+def print_tsv(rows: list[dict], columns) -> None:
+    """The rows as a tab-separated table on stdout (what the bench scripts print beside their CSV)."""
+    print("\t".join(columns))
+    for r in rows:
+        print("\t".join(str(r[c]) for c in columns))
+
+
 def _pct(x) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.vision_skip import DEFAULT_SKIP_THRESHOLD
-from bench.quality import accuracy_rows, default_model, encode_clips, load_qa, paired_ci, verdict, write_csv
+from bench.quality import accuracy_rows, default_model, encode_clips, load_qa, paired_ci, print_tsv, verdict, write_csv
 
 COLUMNS = ("method", "retention", "threshold", "videos", "questions", "groups", "groups_encoded",
            "groups_skipped_share", "score", "no_skip", "skip", "diff", "ci_lo", "ci_hi", "skip_is", "answer_changed")
@@ -88,9 +88,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = write_csv(a.out / "skip_quality.csv", rows, COLUMNS)
     (a.out / "config.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items()}, indent=2))
-    print("\t".join(COLUMNS))
-    for r in rows:
-        print("\t".join(str(r[c]) for c in COLUMNS))
+    print_tsv(rows, COLUMNS)
     print(f"wrote {path}")
 
 
