@@ -10,6 +10,8 @@ median of each quantity is reported.
 
 All `*_ms` columns are for one batch of `batch_size` videos; `preprocess_ms` (the processor alone, timed
 in a separate call) is the CPU part of `vision_ms` (on a GPU the processor runs on the device).
+`prune_ms` is what the run's rows record (selection, compensation, the guard); `residual_ms` the fidelity
+residual every row also carries, computed after it (both are in `e2e_ms`).
 Ratios are against the unpruned row:
 prefill speedup, pruning time as % of the unpruned prefill, end-to-end (videos/s) speedup.
 With `--layers N` / `--vision-layers N` (CPU runs of big shapes) the `*_full_depth_est` columns
@@ -45,12 +47,12 @@ CSV_COLUMNS = (
     "vision_layers", "vision_layers_full", "params_m", "device", "device_name", "dtype", "attn", "threads", "clock",
     "frames", "resolution", "batch_size", "max_new_tokens", "repeats", "content",
     "pruner", "retention", "prune_mode", "compensation", "vision_skip_threshold", "decode_loop", "eos_check_every", "groups", "groups_encoded", "groups_skipped_share", "visual_tokens", "visual_tokens_kept", "seq_len",
-    "preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms", "decode_steps",
+    "preprocess_ms", "vision_ms", "prune_ms", "residual_ms", "splice_ms", "prefill_ms", "decode_ms", "decode_steps",
     "decode_ms_per_token",
     "e2e_ms", "videos_per_s", "peak_mem_mb", "peak_mem_kind", "kv_cache_mb",
     "prefill_speedup", "prune_overhead_pct", "e2e_speedup",
     "prefill_ms_full_depth_est", "e2e_ms_full_depth_est", "prefill_speedup_full_depth_est",
-    "prune_overhead_pct_full_depth_est", "e2e_speedup_full_depth_est",
+    "prune_overhead_pct_full_depth_est", "residual_pct_full_depth_est", "e2e_speedup_full_depth_est",
     "load_avg", "commit", "created_at",
 )
 
@@ -295,7 +297,7 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
         if case.prune_mode == "batched" and case.pruner != "none":
             pruned = prune_batched(encoded, spec, adapter.language_model)
         else:
-            pruned = [prune_video(v, spec, adapter.language_model) for v in encoded]
+            pruned = [prune_video(v, spec, adapter.language_model, clock=clock) for v in encoded]
         sync_device(device)
         t2 = clock()
         seqs = [adapter.splice(v, p, PROMPT) for v, p in zip(encoded, pruned)]
@@ -309,7 +311,10 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
     peak, kind = peak_mb(device)
     steps = max(0, gen.new_tokens - 1)  # the first token comes out of the prefill
     seq_len = max(s.embeds.shape[0] for s in seqs)
-    return {"preprocess_ms": preprocess_ms, "vision_ms": (t1 - t0) * 1e3, "prune_ms": (t2 - t1) * 1e3,
+    # prune_ms as the run's rows record it (selection + compensation); the fidelity residual on its own
+    residual_ms = sum(p.residual_ms for p in pruned)
+    return {"preprocess_ms": preprocess_ms, "vision_ms": (t1 - t0) * 1e3, "prune_ms": (t2 - t1) * 1e3 - residual_ms,
+            "residual_ms": residual_ms,
             "splice_ms": (t3 - t2) * 1e3,
             "prefill_ms": gen.prefill_ms, "decode_ms": gen.decode_ms, "decode_steps": steps,
             "decode_ms_per_token": gen.decode_ms / steps if steps else 0.0, "e2e_ms": (t4 - t0) * 1e3,
@@ -365,7 +370,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
                "compensation": case_compensation(cfg.compensation, case),
                "vision_skip_threshold": "" if case.skip is None else case.skip, "decode_loop": case.decode,
                "eos_check_every": "" if case.decode == "dynamic" else cfg.eos_check_every}
-        for k in ("preprocess_ms", "vision_ms", "prune_ms", "splice_ms", "prefill_ms", "decode_ms",
+        for k in ("preprocess_ms", "vision_ms", "prune_ms", "residual_ms", "splice_ms", "prefill_ms", "decode_ms",
                   "decode_ms_per_token",
                   "e2e_ms", "peak_mem_mb"):
             row[k] = round(_median([r[k] for r in runs]), 3)
@@ -376,7 +381,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
         row["videos_per_s"] = round(cfg.batch_size / (row["e2e_ms"] / 1e3), 4)
         row["kv_cache_mb"] = round(kv_cache_mb(built, cfg.batch_size, row["seq_len"] + cfg.max_new_tokens), 2)
         row["prefill_ms_full_depth_est"] = round(row["prefill_ms"] * pf, 3)
-        rest = row["e2e_ms"] - row["vision_ms"] - row["prefill_ms"] - row["decode_ms"]  # prune + splice + glue
+        rest = row["e2e_ms"] - row["vision_ms"] - row["prefill_ms"] - row["decode_ms"]  # prune + residual + splice + glue
         tower = max(0.0, row["vision_ms"] - row["preprocess_ms"])  # the processor does not scale with depth
         row["e2e_ms_full_depth_est"] = round(row["preprocess_ms"] + tower * vf + rest + row["prefill_ms"] * pf
                                              + row["decode_ms"] * df, 3)
@@ -390,6 +395,7 @@ def summarize(built, cfg: SpeedConfig, results: dict[Case, list[dict]], resoluti
         r["prefill_speedup_full_depth_est"] = round(base["prefill_ms_full_depth_est"]
                                                     / r["prefill_ms_full_depth_est"], 3)
         r["prune_overhead_pct_full_depth_est"] = round(100 * r["prune_ms"] / base["prefill_ms_full_depth_est"], 3)
+        r["residual_pct_full_depth_est"] = round(100 * r["residual_ms"] / base["prefill_ms_full_depth_est"], 3)
         r["e2e_speedup_full_depth_est"] = round(base["e2e_ms_full_depth_est"] / r["e2e_ms_full_depth_est"], 3)
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
@@ -471,8 +477,8 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [row_case(r).label for r in rows]
-    parts = [("vision_ms", "vision"), ("prune_ms", "prune"), ("splice_ms", "splice"), ("prefill_ms", "prefill"),
-             ("decode_ms", "decode")]
+    parts = [("vision_ms", "vision"), ("prune_ms", "prune"), ("residual_ms", "residual"), ("splice_ms", "splice"),
+             ("prefill_ms", "prefill"), ("decode_ms", "decode")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     bottom = [0.0] * len(rows)
     for key, name in parts:
@@ -513,7 +519,7 @@ def print_speed(rows: list[dict], console=None) -> None:
                     f"vision blocks {r0['vision_layers']}/{r0['vision_layers_full']}, {r0['frames']} frames × "
                     f"{r0['batch_size']} videos, {r0['device']} {r0['dtype']} "
                     f"(medians of {r0['repeats']}; ms per batch)")
-    cols = ["case", "tokens", "groups enc.", "vision (preproc.)", "prune", "prefill", "dec/tok", "e2e", "videos/s", "peak MB",
+    cols = ["case", "tokens", "groups enc.", "vision (preproc.)", "prune (+residual)", "prefill", "dec/tok", "e2e", "videos/s", "peak MB",
             "prefill ×", "prune % of prefill", "e2e ×"]
     est = any(r["layers"] != r["layers_full"] or r["vision_layers"] != r["vision_layers_full"] for r in rows)
     if est:
@@ -523,7 +529,7 @@ def print_speed(rows: list[dict], console=None) -> None:
     for r in rows:
         cells = [row_case(r).label,
                  f"{r['visual_tokens_kept']}/{r['visual_tokens']}", f"{r['groups_encoded']}/{r['groups']}",
-                 f"{r['vision_ms']:.1f} ({r['preprocess_ms']:.0f})", f"{r['prune_ms']:.1f}", f"{r['prefill_ms']:.1f}",
+                 f"{r['vision_ms']:.1f} ({r['preprocess_ms']:.0f})", f"{r['prune_ms']:.1f} (+{r['residual_ms']:.0f})", f"{r['prefill_ms']:.1f}",
                  f"{r['decode_ms_per_token']:.1f}", f"{r['e2e_ms']:.0f}", f"{r['videos_per_s']:.3f}",
                  f"{r['peak_mem_mb']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['prune_overhead_pct']:.1f}",
                  f"{r['e2e_speedup']:.2f}"]
