@@ -132,30 +132,32 @@ def prune_video(video: EncodedVideo, spec: PruneSpec, language_model, *, attn_sc
                                            with_residual=spec.compensation == "none")
         keep = result.keep.to(device)
         embeds = result.embeds if result.embeds is not None else video.embeds[keep]
-        counts = None
+        counts = owner = None
         if spec.compensation != "none":
             comp = assign_to_kept(keys, values, keep, spec.settings, video.layout, spec.compensation_assignment,
                                   duplication=result.duplication)
-            counts = comp.counts if uses_bias(spec.compensation) else None
+            counts, owner = (comp.counts, comp.owner) if uses_bias(spec.compensation) else (None, None)
             if uses_merge(spec.compensation):
                 embeds = merged_embeddings(video.embeds, comp)
         residual = None
         if spec.max_residual is not None:  # the guard judges what the LLM will see (compensated or not)
-            residual = _seen_residual(keys, values, keep, counts, embeds, result, spec, language_model)
+            residual = _seen_residual(keys, values, keep, counts, owner, embeds, result, spec, language_model)
         if residual is None or residual <= spec.max_residual or retention >= spec.max_retention:
             break
         retention = min(spec.max_retention, retention * 1.5)  # quality guard: grow the budget geometrically
     sync_device(device)
     t1 = clock()
     if residual is None:  # a fidelity signal for every method, computed outside the timed selection
-        residual = _seen_residual(keys, values, keep, counts, embeds, result, spec, language_model)
+        residual = _seen_residual(keys, values, keep, counts, owner, embeds, result, spec, language_model)
     sync_device(device)
     return PrunedVideo(keep, embeds.to(video.embeds.dtype), n, residual, (t1 - t0) * 1e3, retention, counts,
                        residual_ms=(clock() - t1) * 1e3)
 
 
-def _seen_residual(keys, values, keep, counts, embeds, result: PruneResult, spec: PruneSpec, language_model) -> float:
-    """‖W − W_seen‖²/‖W‖² of what the LLM sees: kept tokens (merged when merging), weighted by their counts."""
+def _seen_residual(keys, values, keep, counts, owner, embeds, result: PruneResult, spec: PruneSpec,
+                   language_model) -> float:
+    """‖W − W_seen‖²/‖W‖² of what the LLM sees: kept tokens (merged when merging), weighted by their counts
+    (`owner`: the kept token each token is counted in, for the sampled estimate of large videos)."""
     merged = uses_merge(spec.compensation) or result.embeds is not None
     if counts is None and not merged:
         if result.residual is not None:
@@ -163,7 +165,8 @@ def _seen_residual(keys, values, keep, counts, embeds, result: PruneResult, spec
         return relative_residual(keys, values, keep, spec.settings)
     kept_keys, kept_values = layer_kv(language_model, embeds, spec.layer) if merged else (None, None)
     weights = counts if counts is not None else torch.ones(keep.numel(), device=keys.device)
-    return compensated_residual(keys, values, keep, weights, kept_keys, kept_values, spec.settings)
+    return compensated_residual(keys, values, keep, weights, kept_keys, kept_values, spec.settings,
+                                owner=owner if counts is not None else None)
 
 
 @torch.inference_mode()

@@ -308,6 +308,46 @@ def _sampled_weight_norm(
     return diagonal + total_mass**2 * dup_mean
 
 
+def _gram(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """G(a, b) = Σ_h (ṽ_ah·ṽ_bh) exp(−‖k_ah − k_bh‖²/(2s)) for (keys, scaled values) of S token pairs, (S,);
+    direct differences: exact 0 distance for copies."""
+    sq_dist = torch.linalg.vector_norm(a[0] - b[0], dim=-1).square()  # (S, H)
+    return ((a[1] * b[1]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
+
+
+def _sampled_difference_norm(
+    keys: torch.Tensor, scaled_values: torch.Tensor, rep: torch.Tensor, scale: float, n_samples: int, generator
+) -> float:
+    """‖Σ_n D_n‖² for D_n = W_n − W_rep(n) (token n minus the kept token it is counted in; rows rep (N,) of the
+    same arrays): the exact diagonal Σ‖D_n‖² plus the off-diagonal sampled ∝ ‖D_n‖.
+
+    |⟨D_n, D_n'⟩| <= ‖D_n‖‖D_n'‖ bounds every weighted sample by (Σ‖D‖)², which is small when the pruned tokens
+    are near-copies of their kept tokens; sampling the ±W terms instead has (Σ m̂)²-sized samples that cancel.
+    """
+    n = rep.numel()
+    token = (keys[:n], scaled_values[:n])
+    kept = (keys[rep], scaled_values[rep])
+    diag = (_gram(token, token, scale) - 2.0 * _gram(token, kept, scale)
+            + _gram(kept, kept, scale)).clamp_min(0.0)  # (N,) ‖D_n‖²
+    norms = diag.double().sqrt()
+    total = float(norms.sum())
+    diagonal = float(diag.double().sum())
+    if total == 0.0 or n < 2:
+        return diagonal
+    pairs = torch.multinomial((norms / total).cpu(), 2 * n_samples, replacement=True, generator=generator)
+    pairs = pairs.to(keys.device)
+    off = torch.zeros((), dtype=torch.float64, device=keys.device)
+    for start in range(0, n_samples, _SAMPLE_BLOCK):
+        a = pairs[start : min(n_samples, start + _SAMPLE_BLOCK)]
+        b = pairs[n_samples + start : n_samples + min(n_samples, start + _SAMPLE_BLOCK)]
+        ta, tb = (keys[a], scaled_values[a]), (keys[b], scaled_values[b])
+        ka, kb = (keys[rep[a]], scaled_values[rep[a]]), (keys[rep[b]], scaled_values[rep[b]])
+        inner = _gram(ta, tb, scale) - _gram(ta, kb, scale) - _gram(ka, tb, scale) + _gram(ka, kb, scale)
+        weighted = inner.double() / (norms[a] * norms[b])
+        off += torch.where(a == b, torch.zeros_like(weighted), weighted).sum()
+    return diagonal + total**2 * float(off) / n_samples
+
+
 def relative_residual(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -358,12 +398,16 @@ def compensated_residual(
     max_exact: int = 2048,
     n_samples: int = 4096,
     generator: torch.Generator | None = None,
+    owner: torch.Tensor | None = None,
 ) -> float:
     """‖W − Σ_{i∈S} m_i v̄_i φ(k̄_i)ᵀ‖²_F / ‖W‖²_F: the residual of what a compensated LLM sees.
 
     counts m_i (K,) weight each kept token (log m_i is its attention bias); kept_keys / kept_values (K, H, d)
     are the keys/values of merged kept tokens (default: the kept tokens' own). With all m_i = 1 and no merge
-    this is `relative_residual`. Exact for N + K <= max_exact, else the sampled estimate.
+    this is `relative_residual`. Exact for N + K <= max_exact, else a sampled estimate: with `owner` (N,), the
+    kept token each token is counted in (counts = its bincount, `Compensation.owner`), the numerator is sampled as
+    Σ_n (W_n − W_owner(n)), whose terms are small where pruning loses little; without it as ±W terms, which cancel
+    and leave an estimate of the residual's noise rather than of it when the residual is small.
     """
     keep = torch.as_tensor(keep, device=keys.device).long()
     kept_keys = keys[keep] if kept_keys is None else kept_keys
@@ -384,9 +428,17 @@ def compensated_residual(
     else:
         if generator is None:
             generator = torch.Generator().manual_seed(settings.seed)
-        numerator = _sampled_weight_norm(
-            combined.keys, scaled_values, head_mhat, combined.scale, n_samples, generator, weights
-        )
+        if owner is not None:
+            owner = torch.as_tensor(owner, device=keys.device).long()
+            if owner.shape != (n,) or not torch.equal(torch.bincount(owner, minlength=keep.numel()).float(),
+                                                       counts.float().to(keys.device)):
+                raise ValueError("owner must give every token's kept token, with counts as its bincount")
+            numerator = _sampled_difference_norm(combined.keys, scaled_values, n + owner, combined.scale,
+                                                 n_samples, generator)
+        else:
+            numerator = _sampled_weight_norm(
+                combined.keys, scaled_values, head_mhat, combined.scale, n_samples, generator, weights
+            )
         denominator = _sampled_weight_norm(
             combined.keys[:n], scaled_values[:n], head_mhat[:n], combined.scale, n_samples, generator
         )
