@@ -165,8 +165,7 @@ def _seen_residual(keys, values, keep, counts, owner, embeds, result: PruneResul
         return relative_residual(keys, values, keep, spec.settings)
     kept_keys, kept_values = layer_kv(language_model, embeds, spec.layer) if merged else (None, None)
     weights = counts if counts is not None else torch.ones(keep.numel(), device=keys.device)
-    return compensated_residual(keys, values, keep, weights, kept_keys, kept_values, spec.settings,
-                                owner=owner if counts is not None else None)
+    return compensated_residual(keys, values, keep, weights, kept_keys, kept_values, spec.settings, owner=owner)
 
 
 @torch.inference_mode()

@@ -272,6 +272,13 @@ def _exact_weight_norm(
     return float(total)
 
 
+def _gram(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """G(a, b) = Σ_h (ṽ_ah·ṽ_bh) exp(−‖k_ah − k_bh‖²/(2s)) for (keys, scaled values) of S token pairs, (S,);
+    direct differences: exact 0 distance for copies."""
+    sq_dist = torch.linalg.vector_norm(a[0] - b[0], dim=-1).square()  # (S, H)
+    return ((a[1] * b[1]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
+
+
 def _sampled_weight_norm(
     keys: torch.Tensor,
     scaled_values: torch.Tensor,
@@ -300,19 +307,11 @@ def _sampled_weight_norm(
     for start in range(0, n_samples, _SAMPLE_BLOCK):  # bounded gathers for large n_samples
         i = pairs[start : min(n_samples, start + _SAMPLE_BLOCK)]
         j = pairs[n_samples + start : n_samples + min(n_samples, start + _SAMPLE_BLOCK)]
-        sq_dist = torch.linalg.vector_norm(keys[i] - keys[j], dim=-1).square()  # (S, H), direct: exact for close pairs
-        gram = ((scaled_values[i] * scaled_values[j]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
+        gram = _gram((keys[i], scaled_values[i]), (keys[j], scaled_values[j]), scale)
         dup = sign[i] * sign[j] * gram / (mhat[i] * mhat[j]).clamp_min(1e-300)
         dup_sum += torch.where(i == j, torch.zeros_like(dup), dup).sum(dtype=torch.float64)  # diagonal counted exactly
     dup_mean = float(dup_sum) / n_samples
     return diagonal + total_mass**2 * dup_mean
-
-
-def _gram(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
-    """G(a, b) = Σ_h (ṽ_ah·ṽ_bh) exp(−‖k_ah − k_bh‖²/(2s)) for (keys, scaled values) of S token pairs, (S,);
-    direct differences: exact 0 distance for copies."""
-    sq_dist = torch.linalg.vector_norm(a[0] - b[0], dim=-1).square()  # (S, H)
-    return ((a[1] * b[1]).sum(-1) * torch.exp(sq_dist / (-2.0 * scale))).sum(-1)
 
 
 def _sampled_difference_norm(
