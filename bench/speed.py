@@ -225,9 +225,10 @@ def synthetic_batch(batch_size: int, frames: int, resolution: int, seed: int = 0
     return videos, timestamps
 
 
-def prune_batched(encoded, spec, language_model):
+def prune_batched(encoded, spec, language_model, clock=time.perf_counter):
     """Lockstep PC-MMR for a batch of videos (one K/V projection, one greedy loop for all): the
-    candidate batched path of issue #8, measured here before the captioner adopts it."""
+    candidate batched path of issue #8, measured here before the captioner adopts it. Times prune_ms and
+    residual_ms apart with `clock`, as `prune_video` does."""
     import torch
     from dataclasses import replace as dc_replace
 
@@ -241,21 +242,23 @@ def prune_batched(encoded, spec, language_model):
     settings = dc_replace(spec.settings, **IWP_VARIANTS[spec.method])
     with torch.inference_mode():
         sync_device(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         sizes = [v.embeds.shape[0] for v in encoded]
         keys, values = layer_kv(language_model, torch.cat([v.embeds for v in encoded]), spec.layer)
         ks, vs = keys.split(sizes), values.split(sizes)
         budgets = [budget_for(n, spec.retention) for n in sizes]
         keeps = select_tokens_pcmmr_batch(ks, vs, [v.layout for v in encoded], budgets, settings)
-        out = []
-        for v, k, val, keep in zip(encoded, ks, vs, keeps):
-            generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-            residual = relative_residual(k, val, keep, settings, generator=generator)
-            out.append(PrunedVideo(keep, v.embeds[keep], v.embeds.shape[0], residual, 0.0, spec.retention))
+        out = [PrunedVideo(keep, v.embeds[keep], v.embeds.shape[0], None, 0.0, spec.retention)
+               for v, keep in zip(encoded, keeps)]
         sync_device(device)
-        ms = (time.perf_counter() - t0) * 1e3
+        t1 = clock()
+        for p, k, val in zip(out, ks, vs):  # the fidelity residual, timed apart
+            p.residual = relative_residual(k, val, p.keep, settings,
+                                           generator=torch.Generator(device="cpu").manual_seed(spec.seed))
+        sync_device(device)
+        t2 = clock()
     for p in out:
-        p.prune_ms = ms / len(out)
+        p.prune_ms, p.residual_ms = (t1 - t0) * 1e3 / len(out), (t2 - t1) * 1e3 / len(out)
     return out
 
 
@@ -295,7 +298,7 @@ def measure_case(adapter, built, videos, timestamps, case: Case, max_new_tokens:
         sync_device(device)
         t1 = clock()
         if case.prune_mode == "batched" and case.pruner != "none":
-            pruned = prune_batched(encoded, spec, adapter.language_model)
+            pruned = prune_batched(encoded, spec, adapter.language_model, clock=clock)
         else:
             pruned = [prune_video(v, spec, adapter.language_model, clock=clock) for v in encoded]
         sync_device(device)

@@ -82,6 +82,7 @@ def test_bench_speed_llava_batched_prune_and_layer_override(tmp_path):
     assert rows[1]["visual_tokens_kept"] == rows[3]["visual_tokens_kept"]
     # the fidelity residual is timed apart from the pruning (the run's rows record prune_ms without it)
     assert rows[0]["residual_ms"] == 0 and rows[1]["residual_ms"] > 0 and rows[1]["prune_ms"] > 0
+    assert rows[3]["residual_ms"] > 0 and rows[3]["prune_ms"] > 0  # the batched path too
     assert rows[0]["layers"] == 1 and rows[0]["layers_full"] == 2
     assert rows[0]["prefill_ms_full_depth_est"] > rows[0]["prefill_ms"]  # extrapolated to 2 layers
     assert tuple(_rows(csv_path)[0].keys()) == CSV_COLUMNS and png_path.stat().st_size > 5000
